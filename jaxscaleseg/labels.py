@@ -46,3 +46,7 @@ def check_labels(
             f"labels{where} out of range: expected class ids 0..{num_classes - 1} or "
             f"{ignore_index} (ignore), found {shown}{more}"
         )
+
+# How prepared datasets (the TFDS builders) store a void pixel in their uint16 label images;
+# the input pipeline maps it to IGNORE_INDEX.
+STORED_VOID = 65535
