@@ -47,6 +47,7 @@ def check_labels(
             f"{ignore_index} (ignore), found {shown}{more}"
         )
 
+
 # How prepared datasets (the TFDS builders) store a void pixel in their uint16 label images;
 # the input pipeline maps it to IGNORE_INDEX.
 STORED_VOID = 65535

@@ -1,0 +1,251 @@
+"""Loss scaling: memory and time of the ESS loss against the number of classes.
+
+    python -m benchmarks.loss_scaling                 # the full table (BENCHMARKS.md)
+    python -m benchmarks.loss_scaling --preset demo   # a small table in about a minute
+
+For each class count C it compiles ``jax.value_and_grad`` of ``ess_loss + separation_loss``
+(N pixels, D dimensions, k neighbours) and reports the compiled temporary memory
+(``memory_analysis()``) and the median wall time over warm runs, beside
+
+* the softmax baseline: ``softmax_cross_entropy`` on given ``[N, C]`` logits with its gradient,
+  measured where its arguments and temporaries fit in half this machine's memory, otherwise
+  reported as "n/a — would need X GB" from the compiled size;
+* a straightforward ESS search (``--compare``): row-chunked distances and ``lax.top_k`` over each
+  chunk's whole class axis, the same loss otherwise, to show what the pruned search buys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxscaleseg import knn, losses
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """One benchmark setting."""
+
+    batch: int
+    height: int
+    width: int
+    dim: int
+    num_neighbors: int
+    class_counts: tuple[int, ...]
+    compare_counts: tuple[int, ...]
+    repeats: int
+
+
+PRESETS = {
+    "full": Preset(2, 256, 256, 16, 7, (19, 150, 1284, 10_000, 100_000), (1284, 10_000), 3),
+    "speed": Preset(2, 256, 256, 12, 7, (1284, 10_000), (1284, 10_000), 3),
+    "demo": Preset(1, 128, 128, 16, 7, (19, 150, 1284, 10_000), (1284,), 3),
+}
+
+
+def straightforward_nearest_ids(
+    queries: jax.Array, classes: jax.Array, k: int, exclude: jax.Array, rows: int = 4096
+) -> jax.Array:
+    """The comparison search: chunked rows, ``lax.top_k`` over each chunk's full class axis.
+
+    Args:
+      queries: float32 ``[N, D]``.
+      classes: float32 ``[C, D]``.
+      k: neighbours.
+      exclude: int32 ``[N]`` ids never returned.
+      rows: queries per chunk.
+
+    Returns:
+      int32 ``[N, k]``.
+    """
+    queries = lax.stop_gradient(queries)
+    classes = lax.stop_gradient(classes)
+    num, dim = queries.shape
+    rows = min(rows, num)
+    pad = -num % rows
+    queries = jnp.pad(queries, ((0, pad), (0, 0)))
+    exclude = jnp.pad(exclude, (0, pad), constant_values=-1)
+    sq_norms = jnp.sum(classes * classes, axis=-1)
+    ids = jnp.arange(classes.shape[0])
+
+    def chunk(block):
+        q, x = block
+        scores = sq_norms[None, :] - 2.0 * jnp.dot(q, classes.T, precision=lax.Precision.HIGHEST)
+        scores = jnp.where(ids[None, :] == x[:, None], jnp.inf, scores)
+        return lax.top_k(-scores, k)[1]
+
+    out = lax.map(chunk, (queries.reshape(-1, rows, dim), exclude.reshape(-1, rows)))
+    return out.reshape(-1, k)[:num]
+
+
+def straightforward_objective(pixels, labels, classes, *, k, temperature=20.0, margin=0.2):
+    """``ess_loss + separation_loss`` with the straightforward search (same maths)."""
+    dim = classes.shape[-1]
+    flat = pixels.reshape(-1, dim)
+    flat_labels = labels.reshape(-1)
+    valid = flat_labels >= 0
+    targets = jnp.where(valid, flat_labels, 0)
+    neighbors = straightforward_nearest_ids(flat, classes, k, targets)
+    candidates = jnp.concatenate([targets[:, None], neighbors], axis=-1)
+    logits = -temperature * knn.pairwise_distance(flat[:, None, :], classes[candidates])
+    per_pixel = jax.nn.logsumexp(logits, axis=-1) - logits[:, 0]
+    ess = jnp.sum(jnp.where(valid, per_pixel, 0.0)) / jnp.maximum(valid.sum(), 1)
+    own = jnp.arange(classes.shape[0], dtype=jnp.int32)
+    nearest = straightforward_nearest_ids(classes, classes, 1, own)[:, 0]
+    separation = jnp.mean(jax.nn.relu(margin - knn.pairwise_distance(classes, classes[nearest])))
+    return ess + separation
+
+
+def ess_objective(pixels, labels, classes, *, k):
+    """``ess_loss + separation_loss`` as the library computes it."""
+    return losses.ess_loss(pixels, labels, classes, num_neighbors=k) + losses.separation_loss(
+        classes
+    )
+
+
+def random_inputs(preset: Preset, num_classes: int, seed: int = 0):
+    """Pixel embeddings of norm <= 1, labels with ~5% ignored, unit class embeddings."""
+    rng = np.random.default_rng(seed)
+    shape = (preset.batch, preset.height, preset.width)
+    pixels = rng.normal(size=(*shape, preset.dim)).astype(np.float32)
+    pixels *= rng.uniform(0.5, 1.0, (*shape, 1)) / np.linalg.norm(pixels, axis=-1, keepdims=True)
+    labels = rng.integers(0, num_classes, shape).astype(np.int32)
+    labels[rng.random(shape) < 0.05] = -1
+    classes = rng.uniform(-1, 1, (num_classes, preset.dim)).astype(np.float32)
+    classes /= np.linalg.norm(classes, axis=-1, keepdims=True)
+    return jnp.asarray(pixels), jnp.asarray(labels), jnp.asarray(classes)
+
+
+def compiled_bytes(compiled) -> tuple[int, int]:
+    """(temporary bytes, arguments + outputs + temporaries) of a compiled function."""
+    memory = compiled.memory_analysis()
+    total = (
+        memory.temp_size_in_bytes
+        + memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+    )
+    return memory.temp_size_in_bytes, total
+
+
+def median_seconds(fn: Callable, args, repeats: int) -> float:
+    """Median wall time of ``fn(*args)`` over warm runs (one warm-up run first)."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def available_bytes() -> int:
+    """Physical memory of this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def measure(preset: Preset, num_classes: int, *, compare: bool) -> dict:
+    """One table row: ESS (and optionally the straightforward search) and softmax at C."""
+    pixels, labels, classes = random_inputs(preset, num_classes)
+    row = {"C": num_classes}
+    ess = jax.jit(
+        jax.value_and_grad(
+            lambda p, y, e: ess_objective(p, y, e, k=preset.num_neighbors), argnums=(0, 2)
+        )
+    )
+    compiled = ess.lower(pixels, labels, classes).compile()
+    row["ess_temp"], row["ess_total"] = compiled_bytes(compiled)
+    row["ess_seconds"] = median_seconds(compiled, (pixels, labels, classes), preset.repeats)
+    if compare:
+        plain = jax.jit(
+            jax.value_and_grad(
+                lambda p, y, e: straightforward_objective(p, y, e, k=preset.num_neighbors),
+                argnums=(0, 2),
+            )
+        )
+        compiled_plain = plain.lower(pixels, labels, classes).compile()
+        row["plain_seconds"] = median_seconds(
+            compiled_plain, (pixels, labels, classes), preset.repeats
+        )
+        value, _ = compiled(pixels, labels, classes)
+        plain_value, _ = compiled_plain(pixels, labels, classes)
+        row["agree"] = bool(np.isclose(float(value), float(plain_value), rtol=1e-5))
+    num_pixels = preset.batch * preset.height * preset.width
+    logits_shape = jax.ShapeDtypeStruct((num_pixels, num_classes), jnp.float32)
+    label_shape = jax.ShapeDtypeStruct((num_pixels,), jnp.int32)
+    softmax = jax.jit(jax.value_and_grad(losses.softmax_cross_entropy))
+    compiled_softmax = softmax.lower(logits_shape, label_shape).compile()
+    row["softmax_temp"], row["softmax_total"] = compiled_bytes(compiled_softmax)
+    if row["softmax_total"] < available_bytes() // 2:
+        rng = np.random.default_rng(1)
+        logits = jnp.asarray(rng.normal(size=(num_pixels, num_classes)).astype(np.float32))
+        row["softmax_seconds"] = median_seconds(
+            compiled_softmax, (logits, labels.reshape(-1)), preset.repeats
+        )
+        del logits
+    return row
+
+
+def megabytes(num_bytes: float) -> str:
+    return f"{num_bytes / 2**20:,.1f} MB"
+
+
+def format_table(preset: Preset, rows: list[dict]) -> str:
+    """Markdown table of the measured rows."""
+    lines = [
+        "| C | ESS temp memory | ESS time | straightforward ESS time | speed-up | "
+        "softmax temp memory | softmax time |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        plain = row.get("plain_seconds")
+        if "softmax_seconds" in row:
+            softmax_time = f"{row['softmax_seconds']:.3f} s"
+        else:
+            softmax_time = f"n/a — would need {row['softmax_total'] / 2**30:.1f} GB"
+        lines.append(
+            f"| {row['C']:,} | {megabytes(row['ess_temp'])} | {row['ess_seconds']:.3f} s | "
+            + (f"{plain:.3f} s | {plain / row['ess_seconds']:.1f}× | " if plain else "— | — | ")
+            + f"{megabytes(row['softmax_temp'])} | {softmax_time} |"
+        )
+    return "\n".join(lines)
+
+
+def describe(preset: Preset) -> str:
+    return (
+        f"N = {preset.batch}×{preset.height}×{preset.width} pixels, D = {preset.dim}, "
+        f"k = {preset.num_neighbors}, `value_and_grad(ess_loss + separation_loss)`; "
+        f"median of {preset.repeats} warm runs; jax {jax.__version__} on {jax.devices()[0]}, "
+        f"{os.cpu_count()} CPUs, {platform.machine()}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    parser.add_argument("--classes", type=int, nargs="*", help="override the preset's class counts")
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+    counts = tuple(args.classes) if args.classes else preset.class_counts
+    print(describe(preset), flush=True)
+    rows = []
+    for num_classes in counts:
+        start = time.perf_counter()
+        rows.append(measure(preset, num_classes, compare=num_classes in preset.compare_counts))
+        print(f"  C = {num_classes:,} done in {time.perf_counter() - start:.0f} s", flush=True)
+    print()
+    print(format_table(preset, rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,431 @@
+"""Exact nearest-class search with bounded memory.
+
+The embedding head scores a pixel against classes by Euclidean distance. Training needs each
+pixel's k nearest classes (the negatives of the ESS loss) and inference needs the nearest one.
+Neither may hold a pixels×classes array: with N = 2·256·256 pixels and C = 100 000 classes that
+would be 52 GB. Here the queries are cut into row blocks, and the class axis into column blocks
+when a single row of the block would not fit, so that the queries×classes block in memory never
+exceeds ``max_block_bytes`` whatever C is.
+
+Speed: the distances of one block are a single matmul (``‖q − e‖² = ‖q‖² + ‖e‖² − 2 q·e``); what
+costs is choosing the k smallest per row. Instead of a top-k over the whole class axis, the class
+axis is split into groups, each group's minimum is taken (one fused pass), the k groups with the
+smallest minima are kept — they contain the k nearest classes, since a group outside them has at
+least k elements no larger than its own minimum — and the exact top-k runs over those k groups
+only. The distances returned are recomputed as ``‖q − e‖`` from the chosen rows, so they are
+accurate even where the expansion above cancels.
+
+No gradient flows through the search: it returns integer ids and distances computed under
+``stop_gradient``; losses recompute the distances they differentiate.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+DEFAULT_MAX_BLOCK_BYTES = 64 * 2**20
+# Rows of queries processed together below which the class axis is cut into column blocks.
+_MIN_ROWS_PER_BLOCK = 32
+# Each block element is a float32 score, and XLA may hold it and one masked copy at once.
+_BYTES_PER_BLOCK_ELEMENT = 8
+_HIGHEST = lax.Precision.HIGHEST
+
+
+def block_shape(
+    num_queries: int,
+    num_classes: int,
+    max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
+) -> tuple[int, int]:
+    """Chooses the (rows, classes) block processed at once so that it fits the budget.
+
+    Args:
+      num_queries: N, the number of query vectors.
+      num_classes: C.
+      max_block_bytes: budget for the queries×classes scores held at once (a block and one
+        masked copy, 8 bytes per element).
+
+    Returns:
+      ``(rows, cols)`` with ``rows * cols * 8 <= max_block_bytes`` (for budgets of at least
+      a few hundred bytes), ``rows <= num_queries`` and ``cols <= num_classes``.
+    """
+    elements = max(max_block_bytes // _BYTES_PER_BLOCK_ELEMENT, 1)
+    if elements // num_classes >= min(_MIN_ROWS_PER_BLOCK, num_queries):
+        rows = min(num_queries, elements // num_classes)
+        return max(rows, 1), num_classes
+    rows = min(_MIN_ROWS_PER_BLOCK, num_queries)
+    cols = max(elements // rows, 1)
+    return rows, min(cols, num_classes)
+
+
+def _selection_plan(num_cols: int, k: int) -> tuple[int, int]:
+    """Group size S and number of pruning levels L for selecting k of ``num_cols``.
+
+    With L levels the columns form a pyramid of group minima (groups of S, groups of S groups,
+    ...); the selection inserts the ``num_cols / S**L`` top-level minima and then ``k·S``
+    candidates per level. The plan minimises that count (gathers weighted in too).
+
+    Returns:
+      ``(S, L)``; ``L = 0`` means a plain insertion over all columns.
+    """
+    best = (float(num_cols), 1, 0)
+    for levels in (1, 2, 3):
+        group = max(2, int(round((num_cols / k) ** (1.0 / (levels + 1)))))
+        top = -(-num_cols // group**levels)
+        cost = top + 1.5 * levels * k * group
+        if cost < best[0]:
+            best = (cost, group, levels)
+    return best[1], best[2]
+
+
+def _insert(
+    best_values: tuple[jax.Array, ...],
+    best_ids: tuple[jax.Array, ...],
+    values: jax.Array,
+    ids: jax.Array,
+) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """Inserts one candidate per query into each query's ascending list of the k best.
+
+    The list is k separate ``[R]`` arrays, so the update is purely elementwise across queries:
+    XLA fuses it into one vectorised loop. Ties keep the earlier entry, so ids stay distinct.
+
+    Args:
+      best_values: k float32 ``[R]`` arrays, ascending slot by slot.
+      best_ids: k int32 ``[R]`` arrays.
+      values: float32 ``[R]``, one candidate per query.
+      ids: int32 ``[R]`` (or a scalar), the candidates' ids.
+
+    Returns:
+      The updated ``(best_values, best_ids)``.
+    """
+    smaller = [values < slot for slot in best_values]
+    new_values = [jnp.where(smaller[0], values, best_values[0])]
+    new_ids = [jnp.where(smaller[0], ids, best_ids[0])]
+    for slot in range(1, len(best_values)):
+        shifted_value = jnp.where(smaller[slot - 1], best_values[slot - 1], values)
+        shifted_id = jnp.where(smaller[slot - 1], best_ids[slot - 1], ids)
+        new_values.append(jnp.where(smaller[slot], shifted_value, best_values[slot]))
+        new_ids.append(jnp.where(smaller[slot], shifted_id, best_ids[slot]))
+    return tuple(new_values), tuple(new_ids)
+
+
+def _k_best_columns(
+    values: jax.Array, ids: jax.Array | None, k: int
+) -> tuple[jax.Array, jax.Array]:
+    """The k smallest of each column by running insertion over the rows.
+
+    Args:
+      values: float32 ``[M, R]``: M candidates for each of R queries.
+      ids: int32 ``[M, R]`` candidate ids, or None for the row number.
+      k: how many to keep.
+
+    Returns:
+      ``(values [k, R], ids [k, R])`` ascending; unfilled slots (fewer than k finite
+      candidates) hold ``+inf`` and id -1.
+    """
+    num_candidates, num_queries = values.shape
+    # Materialise the candidates once: otherwise XLA may sink their producer (a gather) into the
+    # loop and recompute all of it on every iteration.
+    values, ids = lax.optimization_barrier((values, ids))
+    init = (
+        tuple(jnp.full((num_queries,), jnp.inf, jnp.float32) for _ in range(k)),
+        tuple(jnp.full((num_queries,), -1, jnp.int32) for _ in range(k)),
+    )
+
+    def body(row, best):
+        row_ids = row.astype(jnp.int32) if ids is None else ids[row]
+        return _insert(*best, values[row], row_ids)
+
+    best_values, best_ids = lax.fori_loop(0, num_candidates, body, init)
+    return jnp.stack(best_values), jnp.stack(best_ids)
+
+
+def _group_minima(values: jax.Array, group: int) -> jax.Array:
+    """Minima of strided groups: column j of the result covers columns ``j + i·M/S``.
+
+    Taking the minimum of S contiguous slabs is one elementwise fusion, which XLA vectorises far
+    better than a reduction over short inner groups.
+
+    Args:
+      values: float32 ``[R, M]``, M a multiple of ``group``.
+      group: S.
+
+    Returns:
+      float32 ``[R, M / S]``.
+    """
+    width = values.shape[1] // group
+    minima = values[:, :width]
+    for slab in range(1, group):
+        minima = jnp.minimum(minima, values[:, slab * width : (slab + 1) * width])
+    return minima
+
+
+def _smallest_k(scores: jax.Array, k: int, group: int, levels: int) -> tuple[jax.Array, jax.Array]:
+    """The k smallest entries of each row, ascending, by pruning over a pyramid of minima.
+
+    The columns are cut into groups of S, those into groups of S groups, and so on, and each
+    group's minimum is taken (elementwise passes). The k groups with the smallest minima hold
+    the k smallest entries (a group outside them lies above k other groups' minima), so the
+    search inserts the top level's minima, keeps the k best groups, and descends: at each level
+    only the k·S members of the k groups kept are candidates. This replaces a top-k over all
+    columns by about ``C / S**L + L·k·S`` cheap elementwise insertions.
+
+    Args:
+      scores: float32 ``[R, M]``; masked entries are ``+inf``; M a multiple of
+        ``group**levels`` (callers pad with ``+inf``).
+      k: how many to keep, at most the number of finite entries per row.
+      group: the group size S.
+      levels: pyramid levels L (0: insert every column).
+
+    Returns:
+      ``(values [R, k], positions [R, k] int32)``, ascending by value.
+    """
+    num_rows = scores.shape[0]
+    pyramid = [scores]
+    for _ in range(levels):
+        pyramid.append(_group_minima(pyramid[-1], group))
+    values, ids = _k_best_columns(pyramid[-1].T, None, k)
+    values, ids = values.T, ids.T  # [R, k]; id -1 marks a slot no finite entry filled
+    for finer in reversed(pyramid[:-1]):
+        width = finer.shape[1] // group
+        missing = ids < 0
+        ids = jnp.maximum(ids, 0)
+        # Member i of group j is column j + i·width; one gather per slab keeps each gather a
+        # plain element gather (a strided slice gather is far slower on CPU).
+        candidates = jnp.stack(
+            [
+                jnp.take_along_axis(finer[:, slab * width : (slab + 1) * width], ids, axis=1)
+                for slab in range(group)
+            ],
+            axis=-1,
+        )  # [R, k, S]
+        candidates = jnp.where(missing[:, :, None], jnp.inf, candidates)
+        candidate_ids = ids[:, :, None] + width * jnp.arange(group, dtype=jnp.int32)
+        values, ids = _k_best_columns(
+            candidates.reshape(num_rows, k * group).T,
+            candidate_ids.reshape(num_rows, k * group).T,
+            k,
+        )
+        values, ids = values.T, ids.T
+    return values, ids
+
+
+def _block_scores(
+    queries: jax.Array,
+    class_block: jax.Array,
+    class_sq_norms: jax.Array,
+    first_class: jax.Array | int,
+    exclude: jax.Array | None,
+) -> jax.Array:
+    """Ranking scores ``‖e‖² − 2 q·e`` (the squared distance less ``‖q‖²``), excluded → +inf.
+
+    Args:
+      queries: float32 ``[R, D]``.
+      class_block: float32 ``[M, D]``, classes ``first_class .. first_class + M - 1``.
+      class_sq_norms: float32 ``[M]``; ``+inf`` marks padding rows.
+      first_class: id of the block's first class.
+      exclude: int32 ``[R]`` class id never to return for each query, or None.
+
+    Returns:
+      float32 ``[R, M]``.
+    """
+    dots = jnp.dot(queries, class_block.T, precision=_HIGHEST)
+    scores = class_sq_norms[None, :] - 2.0 * dots
+    if exclude is not None:
+        ids = first_class + jnp.arange(class_block.shape[0], dtype=jnp.int32)
+        scores = jnp.where(ids[None, :] == exclude[:, None], jnp.inf, scores)
+    return scores
+
+
+def _search_rows(
+    queries: jax.Array,
+    exclude: jax.Array | None,
+    class_emb: jax.Array,
+    class_sq_norms: jax.Array,
+    k: int,
+    cols: int,
+    plan: tuple[int, int],
+) -> jax.Array:
+    """Ids of the k nearest classes for one block of query rows.
+
+    Args:
+      queries: float32 ``[R, D]``.
+      exclude: int32 ``[R]`` or None.
+      class_emb: float32 ``[C', D]`` with ``C'`` a multiple of ``cols`` (padded).
+      class_sq_norms: float32 ``[C']``, ``+inf`` on padding rows.
+      k: neighbours per query.
+      cols: classes per column block, a multiple of ``group**levels``.
+      plan: ``(group, levels)`` of the pruned selection.
+
+    Returns:
+      int32 ``[R, k]``, ascending by distance.
+    """
+    num_col_blocks = class_emb.shape[0] // cols
+    if num_col_blocks == 1:
+        scores = _block_scores(queries, class_emb, class_sq_norms, 0, exclude)
+        return _smallest_k(scores, k, *plan)[1]
+
+    def merge(best, block_index):
+        start = block_index * cols
+        block = lax.dynamic_slice_in_dim(class_emb, start, cols)
+        norms = lax.dynamic_slice_in_dim(class_sq_norms, start, cols)
+        block_scores = _block_scores(queries, block, norms, start, exclude)
+        scores, positions = _smallest_k(block_scores, k, *plan)
+        merged = _k_best_columns(
+            jnp.concatenate([best[0], scores.T], axis=0),
+            jnp.concatenate([best[1], positions.T + start], axis=0),
+            k,
+        )
+        return merged, None
+
+    init = (
+        jnp.full((k, queries.shape[0]), jnp.inf, jnp.float32),
+        jnp.full((k, queries.shape[0]), -1, jnp.int32),
+    )
+    (_, ids), _ = lax.scan(merge, init, jnp.arange(num_col_blocks))
+    return ids.T
+
+
+def _pad_rows(x: jax.Array, multiple: int, value) -> jax.Array:
+    """Pads axis 0 of ``x`` with ``value`` up to a multiple of ``multiple``."""
+    extra = -x.shape[0] % multiple
+    if extra == 0:
+        return x
+    pad = [(0, extra)] + [(0, 0)] * (x.ndim - 1)
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def nearest_class_ids(
+    queries: jax.Array,
+    class_emb: jax.Array,
+    k: int,
+    *,
+    exclude: jax.Array | None = None,
+    max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
+) -> jax.Array:
+    """Ids of the k nearest classes of each query (Euclidean), exact, without distances.
+
+    Args:
+      queries: ``[..., D]`` float (bfloat16 accepted; the search runs in float32).
+      class_emb: ``[C, D]`` float.
+      k: number of neighbours, ``1 <= k <= C`` (``C - 1`` when ``exclude`` is given).
+      exclude: int ``[...]`` (the leading shape of ``queries``): for each query one class id
+        that is never returned (e.g. its target). Ids outside ``[0, C)`` exclude nothing.
+      max_block_bytes: budget for the queries×classes block held at once.
+
+    Returns:
+      int32 ``[..., k]``, nearest first.
+    """
+    num_classes, dim = class_emb.shape
+    if queries.shape[-1] != dim:
+        raise ValueError(
+            f"queries have dimension {queries.shape[-1]} but class embeddings have {dim}"
+        )
+    limit = num_classes - (exclude is not None)
+    if not 1 <= k <= limit:
+        raise ValueError(
+            f"k={k} must be between 1 and {limit} (C={num_classes}"
+            f"{', one class excluded per query' if exclude is not None else ''})"
+        )
+    lead_shape = queries.shape[:-1]
+    flat = lax.stop_gradient(queries).reshape(-1, dim).astype(jnp.float32)
+    num_queries = flat.shape[0]
+    if num_queries == 0:
+        return jnp.zeros((*lead_shape, k), jnp.int32)
+    classes = lax.stop_gradient(class_emb).astype(jnp.float32)
+    rows, cols = block_shape(num_queries, num_classes, max_block_bytes)
+    plan = _selection_plan(max(cols, k), k)
+    unit = plan[0] ** plan[1]
+    if cols == num_classes:  # one column block: pad the class axis to whole top-level groups
+        cols = -(-num_classes // unit) * unit
+    else:  # column blocks of whole top-level groups, within the budget
+        cols = max(cols // unit, 1) * unit
+    sq_norms = jnp.sum(classes * classes, axis=-1)
+    classes = _pad_rows(classes, cols, 0.0)
+    sq_norms = _pad_rows(sq_norms, cols, jnp.inf)
+
+    flat = _pad_rows(flat, rows, 0.0)
+    if exclude is not None:
+        exclude = _pad_rows(jnp.asarray(exclude, jnp.int32).reshape(-1), rows, -1)
+    num_row_blocks = flat.shape[0] // rows
+
+    def search(block):
+        block_queries, block_exclude = block
+        return _search_rows(block_queries, block_exclude, classes, sq_norms, k, cols, plan)
+
+    if num_row_blocks == 1:
+        ids = search((flat, exclude))
+    else:
+        blocked_exclude = None if exclude is None else exclude.reshape(num_row_blocks, rows)
+        ids = lax.map(search, (flat.reshape(num_row_blocks, rows, dim), blocked_exclude))
+        ids = ids.reshape(-1, k)
+    # Slots stay -1 only for non-finite queries; keep every id a valid index.
+    ids = jnp.clip(ids[:num_queries], 0, num_classes - 1)
+    return ids.reshape(*lead_shape, k)
+
+
+def pairwise_distance(queries: jax.Array, classes: jax.Array) -> jax.Array:
+    """Euclidean distance ``‖q − e‖₂`` with a finite gradient where q = e.
+
+    Args:
+      queries: float ``[..., D]``.
+      classes: float ``[..., D]`` broadcastable against ``queries``.
+
+    Returns:
+      float ``[...]``. At ``q = e`` the value is ~1e-6 (the square is clamped at 1e-12 before
+      the root) and the gradient is 0.
+    """
+    diff = queries - classes
+    squared = jnp.sum(diff * diff, axis=-1)
+    return jnp.sqrt(jnp.maximum(squared, 1e-12))
+
+
+def nearest_classes(
+    queries: jax.Array,
+    class_emb: jax.Array,
+    k: int,
+    *,
+    exclude: jax.Array | None = None,
+    max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
+) -> tuple[jax.Array, jax.Array]:
+    """The k nearest classes of each query and their distances, exact and memory-bounded.
+
+    Args:
+      queries: ``[..., D]`` float (bfloat16 accepted; computed in float32). Need not be unit
+        length.
+      class_emb: ``[C, D]`` float.
+      k: number of neighbours, ``1 <= k <= C`` (``C - 1`` when ``exclude`` is given).
+      exclude: optional int ``[...]``: one class id per query never returned.
+      max_block_bytes: budget for the queries×classes block held at once (default 64 MiB).
+
+    Returns:
+      ``(distances, indices)``: float32 ``[..., k]`` Euclidean distances, ascending, and the
+      int32 class ids. No gradient flows through either.
+    """
+    ids = nearest_class_ids(queries, class_emb, k, exclude=exclude, max_block_bytes=max_block_bytes)
+    q = lax.stop_gradient(queries).astype(jnp.float32)
+    e = lax.stop_gradient(class_emb).astype(jnp.float32)
+    distances = pairwise_distance(q[..., None, :], e[ids])
+    # Recomputed distances can swap exact near-ties of the ranking scores; keep them ascending.
+    distances, ids = lax.sort((distances, ids), dimension=-1, num_keys=1)
+    return distances, ids
+
+
+def assign(
+    queries: jax.Array,
+    class_emb: jax.Array,
+    *,
+    max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
+) -> jax.Array:
+    """The nearest class of each query (inference for the embedding head).
+
+    Args:
+      queries: ``[..., D]`` float pixel embeddings.
+      class_emb: ``[C, D]`` float class embeddings.
+      max_block_bytes: budget for the queries×classes block held at once.
+
+    Returns:
+      int32 ``[...]`` class ids.
+    """
+    return nearest_class_ids(queries, class_emb, 1, max_block_bytes=max_block_bytes)[..., 0]

@@ -1,0 +1,128 @@
+"""DeepLabV3+ models: ResNet-50/101 and MobileNetV2 backbones, softmax and embedding heads.
+
+The entry point is :func:`build_model`::
+
+    model = build_model("resnet101", head="embedding", num_classes=3688, embedding_dim=12)
+    variables = model.init({"params": key}, images, train=False)
+    out, updates = model.apply(
+        variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": key}
+    )
+    out["pixel_embedding"]  # [B, H, W, D] float32
+    out["class_embedding"]  # [C, D] float32, rows of unit length
+
+Variables have the collections ``params`` and ``batch_stats``; the backbone lives under the
+top-level key ``backbone`` and the class table is the top-level param ``class_embedding``.
+ImageNet weights for the backbone: :mod:`jaxscaleseg.models.pretrained`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxscaleseg.models.deeplabv3plus import HEADS, DeepLabV3Plus, l2_normalize
+from jaxscaleseg.models.layers import Dtype
+from jaxscaleseg.models.mobilenet_v2 import MobileNetV2
+from jaxscaleseg.models.resnet import ResNet, resnet
+from jaxscaleseg.models.tiny import TinyBackbone
+
+BACKBONES = ("resnet50", "resnet101", "mobilenet_v2", "tiny")
+OUTPUT_STRIDES = (8, 16)
+ATROUS_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
+
+__all__ = [
+    "ATROUS_RATES",
+    "BACKBONES",
+    "HEADS",
+    "OUTPUT_STRIDES",
+    "DeepLabV3Plus",
+    "MobileNetV2",
+    "ResNet",
+    "TinyBackbone",
+    "build_backbone",
+    "build_model",
+    "l2_normalize",
+]
+
+
+def build_backbone(
+    name: str,
+    *,
+    output_stride: int = 16,
+    dtype: Dtype = jnp.float32,
+    bn_momentum: float = 0.99,
+) -> nn.Module:
+    """Builds a backbone returning ``(low_level, high_level)`` features.
+
+    Args:
+      name: one of :data:`BACKBONES`.
+      output_stride: stride of the high-level features (8, 16, or 32 for the undilated net).
+      dtype: computation dtype (parameters stay float32).
+      bn_momentum: BatchNorm running-average decay (flax convention; PyTorch's 0.1 is 0.9).
+
+    Returns:
+      An unbound flax module.
+    """
+    if name in ("resnet50", "resnet101"):
+        return resnet(name, output_stride=output_stride, bn_momentum=bn_momentum, dtype=dtype)
+    if name == "mobilenet_v2":
+        return MobileNetV2(output_stride=output_stride, bn_momentum=bn_momentum, dtype=dtype)
+    if name == "tiny":
+        return TinyBackbone(output_stride=output_stride, bn_momentum=bn_momentum, dtype=dtype)
+    raise ValueError(f"unknown backbone {name!r}; expected one of {BACKBONES}")
+
+
+def build_model(
+    name: str,
+    *,
+    head: str,
+    num_classes: int,
+    embedding_dim: int = 12,
+    output_stride: int = 16,
+    dtype: Dtype = jnp.float32,
+    separable: bool = False,
+    bn_momentum: float = 0.99,
+) -> nn.Module:
+    """Builds DeepLabV3+ with the named backbone and head.
+
+    Args:
+      name: ``"resnet50"``, ``"resnet101"``, ``"mobilenet_v2"`` or ``"tiny"`` (a few-thousand
+        parameter variant with 16/8/16-channel decoder, for tests and smoke runs).
+      head: ``"softmax"`` (logits ``[B, H, W, C]``) or ``"embedding"`` (pixel embeddings
+        ``[B, H, W, D]`` and the class table ``[C, D]``).
+      num_classes: C.
+      embedding_dim: D, embedding head only.
+      output_stride: 16 (ASPP rates 6/12/18) or 8 (12/24/36).
+      dtype: computation dtype, e.g. ``jnp.bfloat16``; parameters, BatchNorm statistics, the
+        embedding normalisation and the class table stay float32.
+      separable: depthwise-separable 3×3 convs in ASPP and decoder.
+      bn_momentum: BatchNorm running-average decay (flax convention).
+
+    Returns:
+      An unbound :class:`DeepLabV3Plus`.
+    """
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; expected one of {HEADS}")
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
+    if num_classes < 1 or embedding_dim < 1:
+        raise ValueError(
+            f"need num_classes >= 1 and embedding_dim >= 1, got {num_classes}, {embedding_dim}"
+        )
+    backbone = build_backbone(
+        name, output_stride=output_stride, dtype=dtype, bn_momentum=bn_momentum
+    )
+    widths = (16, 8, 16) if name == "tiny" else (256, 48, 256)
+    return DeepLabV3Plus(
+        backbone=backbone,
+        head=head,
+        num_classes=num_classes,
+        embedding_dim=embedding_dim,
+        atrous_rates=ATROUS_RATES[output_stride],
+        aspp_features=widths[0],
+        low_level_features=widths[1],
+        decoder_features=widths[2],
+        separable=separable,
+        bn_momentum=bn_momentum,
+        dtype=dtype,
+    )

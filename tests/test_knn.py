@@ -1,0 +1,129 @@
+"""Nearest-class search against a float64 NumPy reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference
+
+from jaxscaleseg import knn
+
+
+def random_embeddings(seed, num_queries, num_classes, dim):
+    """Unit class embeddings and pixel embeddings of norm in [0.3, 1]."""
+    rng = np.random.default_rng(seed)
+    classes = rng.normal(size=(num_classes, dim))
+    classes /= np.linalg.norm(classes, axis=-1, keepdims=True)
+    queries = rng.normal(size=(num_queries, dim))
+    queries *= rng.uniform(0.3, 1.0, (num_queries, 1)) / np.linalg.norm(
+        queries, axis=-1, keepdims=True
+    )
+    return queries.astype(np.float32), classes.astype(np.float32), rng
+
+
+@pytest.mark.parametrize(
+    "seed,num_queries,num_classes,dim,k,budget",
+    [
+        (0, 300, 5, 8, 4, knn.DEFAULT_MAX_BLOCK_BYTES),
+        (1, 500, 19, 6, 7, knn.DEFAULT_MAX_BLOCK_BYTES),
+        (2, 400, 150, 12, 7, knn.DEFAULT_MAX_BLOCK_BYTES),
+        (3, 700, 1284, 16, 8, knn.DEFAULT_MAX_BLOCK_BYTES),
+        (4, 257, 3000, 12, 7, knn.DEFAULT_MAX_BLOCK_BYTES),
+        # Tiny budgets force row blocks and class column blocks with a running merge.
+        (5, 333, 3000, 12, 7, 50_000),
+        (6, 100, 97, 4, 3, 3_000),
+    ],
+)
+def test_nearest_classes_matches_reference(
+    maybe_jit, seed, num_queries, num_classes, dim, k, budget
+):
+    queries, classes, rng = random_embeddings(seed, num_queries, num_classes, dim)
+    exclude = rng.integers(0, num_classes, num_queries).astype(np.int32)
+    search = maybe_jit(
+        lambda q, e, x: knn.nearest_classes(q, e, k, exclude=x, max_block_bytes=budget)
+    )
+    distances, ids = search(queries, classes, exclude)
+    ref_d, ref_ids = reference.nearest(queries, classes, k, exclude=exclude)
+    np.testing.assert_allclose(np.asarray(distances), ref_d, rtol=1e-5, atol=1e-6)
+    assert ids.dtype == jnp.int32 and ids.shape == (num_queries, k)
+    assert not (np.asarray(ids) == exclude[:, None]).any()
+    # Ids agree except where float32 cannot separate two distances.
+    gaps = np.abs(np.diff(reference.nearest(queries, classes, k + 1, exclude=exclude)[0], axis=-1))
+    clear = (gaps > 1e-5).all(-1)
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(np.asarray(ids)[clear], ref_ids[clear])
+    assert (np.diff(np.asarray(distances), axis=-1) >= 0).all()
+
+
+def test_nearest_classes_without_exclusion_and_leading_shape(maybe_jit):
+    queries, classes, _ = random_embeddings(7, 2 * 5 * 7, 40, 8)
+    search = maybe_jit(lambda q, e: knn.nearest_classes(q, e, 5))
+    distances, ids = search(queries.reshape(2, 5, 7, 8), classes)
+    assert distances.shape == ids.shape == (2, 5, 7, 5)
+    ref_d, ref_ids = reference.nearest(queries, classes, 5)
+    np.testing.assert_allclose(np.asarray(distances).reshape(-1, 5), ref_d, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(ids).reshape(-1, 5), ref_ids)
+
+
+@pytest.mark.parametrize(
+    "seed,num_classes,budget", [(8, 5, 1 << 20), (9, 3000, 1 << 26), (10, 2000, 20_000)]
+)
+def test_assign_matches_reference(maybe_jit, seed, num_classes, budget):
+    queries, classes, _ = random_embeddings(seed, 600, num_classes, 12)
+    ids = maybe_jit(lambda q, e: knn.assign(q, e, max_block_bytes=budget))(queries, classes)
+    ref = reference.distances(queries, classes).argmin(-1)
+    assert ids.shape == (600,)
+    np.testing.assert_array_equal(np.asarray(ids), ref)
+
+
+def test_ties_give_distinct_ids():
+    classes = np.tile(np.eye(4, dtype=np.float32), (5, 1))  # every class has 4 twins
+    queries = np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 0]]
+    _, ids = knn.nearest_classes(queries, classes, 7)
+    for row in np.asarray(ids):
+        assert len(set(row.tolist())) == 7
+
+
+def test_bfloat16_queries_are_searched_in_float32():
+    queries, classes, _ = random_embeddings(11, 64, 30, 8)
+    distances, ids = knn.nearest_classes(jnp.asarray(queries, jnp.bfloat16), classes, 3)
+    assert distances.dtype == jnp.float32
+    rounded = np.asarray(jnp.asarray(queries, jnp.bfloat16).astype(jnp.float32))
+    np.testing.assert_array_equal(np.asarray(ids), reference.nearest(rounded, classes, 3)[1])
+
+
+def test_no_gradient_flows_through_the_search():
+    queries, classes, _ = random_embeddings(12, 16, 10, 4)
+    grads = jax.grad(lambda q, e: knn.nearest_classes(q, e, 3)[0].sum(), argnums=(0, 1))(
+        queries, classes
+    )
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in grads)
+
+
+def test_bad_arguments_are_named():
+    queries, classes, _ = random_embeddings(13, 4, 5, 4)
+    with pytest.raises(ValueError, match="k=5 must be between 1 and 4"):
+        knn.nearest_classes(queries, classes, 5, exclude=np.zeros(4, np.int32))
+    with pytest.raises(ValueError, match="dimension 3"):
+        knn.nearest_classes(queries[:, :3], classes, 2)
+
+
+def test_block_shape_respects_budget():
+    for num_classes in [19, 1284, 100_000, 10_000_000]:
+        rows, cols = knn.block_shape(131072, num_classes, knn.DEFAULT_MAX_BLOCK_BYTES)
+        assert rows * cols * 8 <= knn.DEFAULT_MAX_BLOCK_BYTES
+        assert cols < num_classes or rows >= 32
+
+
+@pytest.mark.parametrize("num_classes", [1284, 100_000])
+def test_compiled_search_memory_is_bounded(num_classes):
+    """Temporaries of the search stay near the block budget whatever C is."""
+    budget = 16 * 2**20
+    queries = jax.ShapeDtypeStruct((2 * 128 * 128, 16), jnp.float32)
+    classes = jax.ShapeDtypeStruct((num_classes, 16), jnp.float32)
+    exclude = jax.ShapeDtypeStruct((2 * 128 * 128,), jnp.int32)
+    fn = jax.jit(lambda q, e, x: knn.nearest_classes(q, e, 7, exclude=x, max_block_bytes=budget))
+    memory = fn.lower(queries, classes, exclude).compile().memory_analysis()
+    class_table = num_classes * 16 * 4
+    # The block (within budget) plus copies of the padded class table and small per-row state.
+    assert memory.temp_size_in_bytes < budget + 3 * class_table + 8 * 2**20, memory

@@ -1,0 +1,201 @@
+"""ESS loss, separation loss and the softmax baseline against float64 NumPy references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference
+from test_knn import random_embeddings
+
+from jaxscaleseg import losses
+from jaxscaleseg.labels import check_labels
+
+
+def ess_and_grads(num_neighbors, temperature, **kwargs):
+    def loss(pixels, labels, classes):
+        return losses.ess_loss(
+            pixels,
+            labels,
+            classes,
+            num_neighbors=num_neighbors,
+            temperature=temperature,
+            **kwargs,
+        )
+
+    return jax.value_and_grad(loss, argnums=(0, 2))
+
+
+@pytest.mark.parametrize(
+    "seed,num_pixels,num_classes,dim,k,temperature,chunk",
+    [
+        (0, 200, 5, 4, 2, 20.0, 16384),
+        (1, 300, 19, 6, 7, 20.0, 64),
+        (2, 256, 150, 12, 7, 10.0, 100),
+        (3, 400, 1284, 16, 8, 20.0, 16384),
+        (4, 150, 3000, 12, 7, 5.0, 37),
+    ],
+)
+def test_ess_loss_and_gradients_match_reference(
+    maybe_jit, seed, num_pixels, num_classes, dim, k, temperature, chunk
+):
+    pixels, classes, rng = random_embeddings(seed, num_pixels, num_classes, dim)
+    # Targets near their pixel (inside the k nearest) and arbitrary (usually outside).
+    labels = rng.integers(0, num_classes, num_pixels)
+    near = rng.random(num_pixels) < 0.5
+    labels[near] = reference.nearest(pixels[near], classes, 1)[1][:, 0]
+    labels[rng.random(num_pixels) < 0.2] = -1
+    _, ref_neighbors = reference.nearest(pixels, classes, k)
+    inside = (ref_neighbors == labels[:, None]).any(-1) & (labels >= 0)
+    outside = ~inside & (labels >= 0)
+    assert inside.any() and outside.any()
+    labels = labels.reshape(2, -1).astype(np.int32)
+    pixels = pixels.reshape(2, -1, dim)
+
+    fn = maybe_jit(ess_and_grads(k, temperature, pixels_per_chunk=chunk))
+    loss, (grad_pixels, grad_classes) = fn(pixels, labels, classes)
+    ref_loss, ref_gp, ref_gc = reference.ess_loss_and_grads(
+        pixels.reshape(-1, dim), labels.reshape(-1), classes, k, temperature
+    )
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
+    scale = np.abs(ref_gp).max()
+    np.testing.assert_allclose(
+        np.asarray(grad_pixels).reshape(-1, dim), ref_gp, rtol=1e-5, atol=1e-5 * scale
+    )
+    scale = np.abs(ref_gc).max()
+    np.testing.assert_allclose(np.asarray(grad_classes), ref_gc, rtol=1e-5, atol=1e-5 * scale)
+    # Only the gathered rows receive gradient.
+    used = np.zeros(num_classes, bool)
+    valid = labels.reshape(-1) >= 0
+    used[labels.reshape(-1)[valid]] = True
+    used[
+        reference.nearest(
+            pixels.reshape(-1, dim)[valid], classes, k, exclude=labels.reshape(-1)[valid]
+        )[1]
+    ] = True
+    assert (np.abs(np.asarray(grad_classes))[~used] == 0).all()
+
+
+@pytest.mark.parametrize("seed,num_classes", [(5, 5), (6, 12), (7, 40)])
+def test_all_neighbors_is_the_full_softmax(maybe_jit, seed, num_classes):
+    pixels, classes, rng = random_embeddings(seed, 120, num_classes, 6)
+    labels = rng.integers(-1, num_classes, 120).astype(np.int32)
+    ess = maybe_jit(lambda p, y, e: losses.ess_loss(p, y, e, num_neighbors=num_classes - 1))
+    logits = -20.0 * jnp.linalg.norm(pixels[:, None, :] - classes[None], axis=-1)
+    full = maybe_jit(losses.softmax_cross_entropy)(logits, labels)
+    np.testing.assert_allclose(float(ess(pixels, labels, classes)), float(full), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "seed,num_classes,dim,margin",
+    [(0, 5, 3, 1.5), (1, 300, 4, 0.3), (2, 3000, 8, 0.6), (3, 50, 16, 0.2)],
+)
+def test_separation_loss_and_gradient_match_reference(maybe_jit, seed, num_classes, dim, margin):
+    _, classes, _ = random_embeddings(seed, 1, num_classes, dim)
+    fn = maybe_jit(jax.value_and_grad(lambda e: losses.separation_loss(e, margin=margin)))
+    loss, grad = fn(classes)
+    ref_loss, ref_grad = reference.separation_loss_and_grad(classes, margin)
+    if dim < 16:
+        assert ref_loss > 0  # the margin is active for these settings
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5, atol=1e-7)
+    scale = max(np.abs(ref_grad).max(), 1e-12)
+    np.testing.assert_allclose(np.asarray(grad), ref_grad, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_separation_loss_with_class_blocks_matches_default():
+    _, classes, _ = random_embeddings(4, 1, 500, 4)
+    small = losses.separation_loss(classes, margin=0.4, max_block_bytes=20_000)
+    default = losses.separation_loss(classes, margin=0.4)
+    np.testing.assert_allclose(float(small), float(default), rtol=1e-6)
+
+
+def test_softmax_cross_entropy_matches_reference(maybe_jit):
+    rng = np.random.default_rng(9)
+    logits = rng.normal(size=(2, 7, 5, 11)).astype(np.float32) * 3
+    labels = rng.integers(-1, 11, (2, 7, 5)).astype(np.int32)
+    loss, grad = maybe_jit(jax.value_and_grad(losses.softmax_cross_entropy))(logits, labels)
+    flat = logits.reshape(-1, 11).astype(np.float64)
+    y = labels.reshape(-1)
+    valid = y >= 0
+    lse = np.log(np.exp(flat).sum(-1))
+    ref = (lse - flat[np.arange(len(y)), np.maximum(y, 0)])[valid].mean()
+    np.testing.assert_allclose(float(loss), ref, rtol=1e-6)
+    prob = np.exp(flat - lse[:, None])
+    prob[np.arange(len(y)), np.maximum(y, 0)] -= 1
+    ref_grad = np.where(valid[:, None], prob, 0) / valid.sum()
+    np.testing.assert_allclose(np.asarray(grad).reshape(-1, 11), ref_grad, atol=1e-7)
+
+
+def test_everything_ignored_gives_zero_and_finite_gradients(maybe_jit):
+    pixels, classes, _ = random_embeddings(10, 64, 20, 8)
+    labels = np.full(64, -1, np.int32)
+    loss, grads = maybe_jit(ess_and_grads(7, 20.0))(pixels, labels, classes)
+    assert float(loss) == 0.0
+    assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+    logits = np.zeros((64, 20), np.float32)
+    ce, ce_grad = maybe_jit(jax.value_and_grad(losses.softmax_cross_entropy))(logits, labels)
+    assert float(ce) == 0.0 and np.isfinite(np.asarray(ce_grad)).all()
+
+
+def test_gradients_finite_when_pixel_equals_a_class(maybe_jit):
+    _, classes, _ = random_embeddings(11, 1, 10, 4)
+    # Pixel 0 sits on its target, pixel 1 on a negative, pixel 2 on both of a duplicated pair.
+    classes[3] = classes[2]
+    pixels = np.stack([classes[0], classes[5], classes[2]])
+    labels = np.array([0, 1, 2], np.int32)
+    loss, grads = maybe_jit(ess_and_grads(4, 20.0))(pixels, labels, classes)
+    assert np.isfinite(float(loss))
+    assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+    sep, sep_grad = maybe_jit(jax.value_and_grad(losses.separation_loss))(classes)
+    assert np.isfinite(float(sep)) and np.isfinite(np.asarray(sep_grad)).all()
+
+
+def test_bfloat16_pixel_embeddings_are_accepted(maybe_jit):
+    pixels, classes, rng = random_embeddings(12, 128, 30, 8)
+    labels = rng.integers(0, 30, 128).astype(np.int32)
+    half = jnp.asarray(pixels, jnp.bfloat16)
+    fn = maybe_jit(ess_and_grads(7, 20.0))
+    loss, (grad_pixels, _) = fn(half, labels, classes)
+    assert grad_pixels.dtype == jnp.bfloat16
+    rounded = np.asarray(half.astype(jnp.float32))
+    ref_loss, _, _ = reference.ess_loss_and_grads(rounded, labels, classes, 7, 20.0)
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
+
+
+def test_out_of_range_labels_make_the_jitted_loss_nan():
+    pixels, classes, _ = random_embeddings(13, 16, 6, 4)
+    labels = np.zeros(16, np.int32)
+    labels[3] = 6
+    ess = jax.jit(lambda p, y, e: losses.ess_loss(p, y, e, num_neighbors=3))
+    assert np.isnan(float(ess(pixels, labels, classes)))
+    logits = np.zeros((16, 6), np.float32)
+    assert np.isnan(float(jax.jit(losses.softmax_cross_entropy)(logits, labels)))
+
+
+def test_check_labels_names_source_and_values():
+    labels = np.array([[0, 1, -1], [300, 5, 300]])
+    with pytest.raises(ValueError, match=r"in img_0007\.png.*0\.\.4.*5 \(1 px\), 300 \(2 px\)"):
+        check_labels(labels, 5, source="img_0007.png")
+    check_labels(np.array([0, 4, -1]), 5)
+    with pytest.raises(ValueError, match="must be integers"):
+        check_labels(np.array([0.5]), 5)
+
+
+def test_value_and_grad_memory_grows_less_than_the_class_table():
+    """Compiled temporaries at N = 2·256·256, D = 16, k = 7: C = 1284 vs C = 100 000."""
+    dim = 16
+
+    def temp_bytes(num_classes):
+        def objective(pixels, labels, classes):
+            return losses.ess_loss(pixels, labels, classes) + losses.separation_loss(classes)
+
+        fn = jax.jit(jax.value_and_grad(objective, argnums=(0, 2)))
+        args = (
+            jax.ShapeDtypeStruct((2, 256, 256, dim), jnp.float32),
+            jax.ShapeDtypeStruct((2, 256, 256), jnp.int32),
+            jax.ShapeDtypeStruct((num_classes, dim), jnp.float32),
+        )
+        return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    small, large = temp_bytes(1284), temp_bytes(100_000)
+    allowed = 16 * 2**20 + 8 * (100_000 - 1284) * dim * 4
+    assert large - small < allowed, (small, large, allowed)
