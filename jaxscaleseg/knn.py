@@ -31,6 +31,8 @@ _MIN_ROWS_PER_BLOCK = 32
 # Each block element is a float32 score, and XLA may hold it and one masked copy at once.
 _BYTES_PER_BLOCK_ELEMENT = 8
 _HIGHEST = lax.Precision.HIGHEST
+# Ranking score of padding classes: above any real score (scores are at most ‖e‖² + 2‖q‖‖e‖).
+_PAD_SCORE = 1e30
 
 
 def block_shape(
@@ -211,49 +213,19 @@ def _smallest_k(scores: jax.Array, k: int, group: int, levels: int) -> tuple[jax
     return values, ids
 
 
-def _block_scores(
-    queries: jax.Array,
-    class_block: jax.Array,
-    class_sq_norms: jax.Array,
-    first_class: jax.Array | int,
-    exclude: jax.Array | None,
-) -> jax.Array:
-    """Ranking scores ``‖e‖² − 2 q·e`` (the squared distance less ``‖q‖²``), excluded → +inf.
-
-    Args:
-      queries: float32 ``[R, D]``.
-      class_block: float32 ``[M, D]``, classes ``first_class .. first_class + M - 1``.
-      class_sq_norms: float32 ``[M]``; ``+inf`` marks padding rows.
-      first_class: id of the block's first class.
-      exclude: int32 ``[R]`` class id never to return for each query, or None.
-
-    Returns:
-      float32 ``[R, M]``.
-    """
-    dots = jnp.dot(queries, class_block.T, precision=_HIGHEST)
-    scores = class_sq_norms[None, :] - 2.0 * dots
-    if exclude is not None:
-        ids = first_class + jnp.arange(class_block.shape[0], dtype=jnp.int32)
-        scores = jnp.where(ids[None, :] == exclude[:, None], jnp.inf, scores)
-    return scores
-
-
 def _search_rows(
-    queries: jax.Array,
-    exclude: jax.Array | None,
-    class_emb: jax.Array,
-    class_sq_norms: jax.Array,
-    k: int,
-    cols: int,
-    plan: tuple[int, int],
+    queries: jax.Array, class_table: jax.Array, k: int, cols: int, plan: tuple[int, int]
 ) -> jax.Array:
     """Ids of the k nearest classes for one block of query rows.
 
+    The ranking score ``‖e‖² − 2 q·e`` (the squared distance less ``‖q‖²``) comes out of one
+    matmul of augmented rows ``[q, 1]·[−2e, ‖e‖²]``; an elementwise epilogue instead would be
+    fused into every consumer of the block and slow the selection several times over on CPU.
+
     Args:
-      queries: float32 ``[R, D]``.
-      exclude: int32 ``[R]`` or None.
-      class_emb: float32 ``[C', D]`` with ``C'`` a multiple of ``cols`` (padded).
-      class_sq_norms: float32 ``[C']``, ``+inf`` on padding rows.
+      queries: float32 ``[R, D + 1]``, queries with a trailing 1.
+      class_table: float32 ``[C', D + 1]`` rows ``[−2e, ‖e‖²]``, C' a multiple of ``cols``;
+        padding rows ``[0, BIG]``.
       k: neighbours per query.
       cols: classes per column block, a multiple of ``group**levels``.
       plan: ``(group, levels)`` of the pruned selection.
@@ -261,19 +233,18 @@ def _search_rows(
     Returns:
       int32 ``[R, k]``, ascending by distance.
     """
-    num_col_blocks = class_emb.shape[0] // cols
+    num_col_blocks = class_table.shape[0] // cols
     if num_col_blocks == 1:
-        scores = _block_scores(queries, class_emb, class_sq_norms, 0, exclude)
+        scores = jnp.dot(queries, class_table.T, precision=_HIGHEST)
         return _smallest_k(scores, k, *plan)[1]
 
     def merge(best, block_index):
         start = block_index * cols
-        block = lax.dynamic_slice_in_dim(class_emb, start, cols)
-        norms = lax.dynamic_slice_in_dim(class_sq_norms, start, cols)
-        block_scores = _block_scores(queries, block, norms, start, exclude)
-        scores, positions = _smallest_k(block_scores, k, *plan)
+        block = lax.dynamic_slice_in_dim(class_table, start, cols)
+        scores = jnp.dot(queries, block.T, precision=_HIGHEST)
+        values, positions = _smallest_k(scores, k, *plan)
         merged = _k_best_columns(
-            jnp.concatenate([best[0], scores.T], axis=0),
+            jnp.concatenate([best[0], values.T], axis=0),
             jnp.concatenate([best[1], positions.T + start], axis=0),
             k,
         )
@@ -285,6 +256,21 @@ def _search_rows(
     )
     (_, ids), _ = lax.scan(merge, init, jnp.arange(num_col_blocks))
     return ids.T
+
+
+def _drop_excluded(ids: jax.Array, exclude: jax.Array) -> jax.Array:
+    """The first k of k+1 ascending ids once ``exclude`` is removed.
+
+    Args:
+      ids: int32 ``[N, k + 1]`` nearest first.
+      exclude: int32 ``[N]``.
+
+    Returns:
+      int32 ``[N, k]``: ``ids`` without ``exclude`` (or without the last entry when
+      ``exclude`` is not among them).
+    """
+    seen = jnp.cumsum(ids == exclude[:, None], axis=-1) > 0  # at or after the excluded entry
+    return jnp.where(seen[:, :-1], ids[:, 1:], ids[:, :-1])
 
 
 def _pad_rows(x: jax.Array, multiple: int, value) -> jax.Array:
@@ -334,34 +320,39 @@ def nearest_class_ids(
     if num_queries == 0:
         return jnp.zeros((*lead_shape, k), jnp.int32)
     classes = lax.stop_gradient(class_emb).astype(jnp.float32)
+    # Exclusion: search one more neighbour and drop the excluded id afterwards, so the block
+    # itself needs no mask.
+    wanted = k + (exclude is not None)
     rows, cols = block_shape(num_queries, num_classes, max_block_bytes)
-    plan = _selection_plan(max(cols, k), k)
+    plan = _selection_plan(max(cols, wanted), wanted)
     unit = plan[0] ** plan[1]
     if cols == num_classes:  # one column block: pad the class axis to whole top-level groups
         cols = -(-num_classes // unit) * unit
     else:  # column blocks of whole top-level groups, within the budget
         cols = max(cols // unit, 1) * unit
-    sq_norms = jnp.sum(classes * classes, axis=-1)
-    classes = _pad_rows(classes, cols, 0.0)
-    sq_norms = _pad_rows(sq_norms, cols, jnp.inf)
+    # Rows [−2e, ‖e‖²]; padding rows score _PAD_SCORE against every query.
+    table = jnp.concatenate([-2.0 * classes, jnp.sum(classes * classes, -1, keepdims=True)], 1)
+    pad = -num_classes % cols
+    if pad:
+        padding = jnp.zeros((pad, dim + 1), jnp.float32).at[:, dim].set(_PAD_SCORE)
+        table = jnp.concatenate([table, padding], axis=0)
+    augmented = jnp.concatenate([flat, jnp.ones((num_queries, 1), jnp.float32)], axis=1)
+    augmented = _pad_rows(augmented, rows, 0.0)
+    num_row_blocks = augmented.shape[0] // rows
 
-    flat = _pad_rows(flat, rows, 0.0)
-    if exclude is not None:
-        exclude = _pad_rows(jnp.asarray(exclude, jnp.int32).reshape(-1), rows, -1)
-    num_row_blocks = flat.shape[0] // rows
-
-    def search(block):
-        block_queries, block_exclude = block
-        return _search_rows(block_queries, block_exclude, classes, sq_norms, k, cols, plan)
+    def search(block_queries):
+        return _search_rows(block_queries, table, wanted, cols, plan)
 
     if num_row_blocks == 1:
-        ids = search((flat, exclude))
+        ids = search(augmented)
     else:
-        blocked_exclude = None if exclude is None else exclude.reshape(num_row_blocks, rows)
-        ids = lax.map(search, (flat.reshape(num_row_blocks, rows, dim), blocked_exclude))
-        ids = ids.reshape(-1, k)
+        ids = lax.map(search, augmented.reshape(num_row_blocks, rows, dim + 1))
+        ids = ids.reshape(-1, wanted)
+    ids = ids[:num_queries]
+    if exclude is not None:
+        ids = _drop_excluded(ids, jnp.asarray(exclude, jnp.int32).reshape(-1))
     # Slots stay -1 only for non-finite queries; keep every id a valid index.
-    ids = jnp.clip(ids[:num_queries], 0, num_classes - 1)
+    ids = jnp.clip(ids, 0, num_classes - 1)
     return ids.reshape(*lead_shape, k)
 
 

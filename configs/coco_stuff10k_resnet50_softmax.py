@@ -1,0 +1,17 @@
+r"""python -m jaxscaleseg.train --config configs/coco_stuff10k_resnet50_softmax.py --workdir DIR
+
+The softmax baseline of ``coco_stuff10k_resnet50_ess.py``: the same setup with a C-way softmax head.
+
+Tiny variant: ``:smoke``. Every setting, and where it comes from, is as in
+``coco_stuff10k_resnet50_ess.py``; only the head and loss differ (softmax cross-entropy; the
+ESS-only fields D, k, temperature and margin are unused). The paper trains its baselines with
+the same schedules.
+"""
+
+from jaxscaleseg import config_schema
+
+
+def get_config(variant: str = ""):
+    c = config_schema.sibling_config(__file__, "coco_stuff10k_resnet50_ess", variant)
+    c.loss.name = "softmax"
+    return c

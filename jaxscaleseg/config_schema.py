@@ -1,0 +1,220 @@
+"""The training configuration: every field, its default and its meaning.
+
+Every ``configs/*.py`` starts from :func:`base_config` and changes the fields its setup needs,
+so a field exists in every config (``--config.key=value`` overrides work everywhere and a
+misspelt key is refused). :func:`validate` checks a config before any work starts and raises
+:class:`ConfigError` naming the offending field.
+
+Sections:
+
+* top level: ``seed``, ``batch_size`` (global, over all devices and hosts), ``num_train_steps``,
+  ``log_every_steps``, ``eval_every_steps`` (0: only at the end), ``checkpoint_every_steps``,
+  ``keep_checkpoints``, ``progress_bar``, ``distributed`` (call ``jax.distributed.initialize``).
+* ``dataset``: ``name`` (``synthetic`` or a TFDS builder: ``seg_ade20k``...), ``config``
+  (builder config), ``data_dir``, ``train_split``, ``eval_split``, ``num_classes``,
+  augmentation (``crop_size``, ``scale_range``, ``flip``, ``color_jitter``),
+  ``repeat_factor_threshold`` (0: off), ``worker_count``, evaluation sizes
+  (``eval_crop_size``/``eval_pad_to``, empty: full resolution), ``eval_batch_size``,
+  ``max_eval_examples`` (0: all) and the ``synthetic`` source's ``image_size``,
+  ``train_examples``, ``eval_examples``, ``seed``.
+* ``model``: ``backbone``, ``output_stride``, ``embedding_dim`` (D), ``separable``,
+  ``bn_momentum`` (flax decay), ``dtype``, ``pretrained`` (path of converted ImageNet weights).
+* ``loss``: ``name`` (``softmax`` or ``ess``), ``num_neighbors`` (k), ``temperature``,
+  ``margin``, ``separation_weight``.
+* ``optim``: see :func:`jaxscaleseg.optim.make_optimizer`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+from jaxscaleseg.models import BACKBONES, OUTPUT_STRIDES
+
+LOSSES = ("softmax", "ess")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All fields with their defaults (the paper's ADE20K MobileNetV2 ESS setup, 200k steps).
+
+    Returns:
+      An unlocked ``ConfigDict``; config files change it and return it.
+    """
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.batch_size = 10
+    c.num_train_steps = 200_000
+    c.log_every_steps = 50
+    c.eval_every_steps = 10_000
+    c.checkpoint_every_steps = 2_000
+    c.keep_checkpoints = 2
+    c.progress_bar = True
+    c.distributed = False
+
+    d = c.dataset = ml_collections.ConfigDict()
+    d.name = "seg_ade20k"
+    d.config = ""
+    d.data_dir = "~/tensorflow_datasets"
+    d.train_split = "train"
+    d.eval_split = "validation"
+    d.num_classes = 150
+    d.crop_size = (512, 512)
+    d.scale_range = (0.5, 2.0)
+    d.flip = True
+    d.color_jitter = False
+    d.repeat_factor_threshold = 0.0
+    d.worker_count = 0
+    d.eval_crop_size = ()
+    d.eval_pad_to = ()
+    d.eval_batch_size = 1
+    d.max_eval_examples = 0
+    d.synthetic = ml_collections.ConfigDict()
+    d.synthetic.image_size = (128, 128)
+    d.synthetic.train_examples = 2000
+    d.synthetic.eval_examples = 200
+    d.synthetic.seed = 0
+
+    m = c.model = ml_collections.ConfigDict()
+    m.backbone = "mobilenet_v2"
+    m.output_stride = 16
+    m.embedding_dim = 12
+    m.separable = False
+    m.bn_momentum = 0.99
+    m.dtype = "float32"
+    m.pretrained = ""
+
+    loss = c.loss = ml_collections.ConfigDict()
+    loss.name = "ess"
+    loss.num_neighbors = 7
+    loss.temperature = 20.0
+    loss.margin = 0.2
+    loss.separation_weight = 1.0
+
+    o = c.optim = ml_collections.ConfigDict()
+    o.base_lr = 0.01
+    o.momentum = 0.9
+    o.nesterov = False
+    o.weight_decay = 1e-4
+    o.backbone_lr_mult = 0.1
+    o.class_embedding_lr_mult = 1.0
+    o.poly_powers = (0.9, 0.9, 0.95)
+    o.end_lr = 1e-6
+    o.freeze_backbone = False
+    o.frozen_class_embedding_momentum = 0.95
+    o.grad_clip_norm = 0.0
+    return c
+
+
+def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrinks a config to a few steps on tiny inputs (the ``:smoke`` variant of every config).
+
+    The dataset, head, loss and optimiser settings stay; the model becomes the ``tiny``
+    backbone, crops 64×64, batch 2, evaluation on 2 examples.
+    """
+    config.batch_size = 2
+    config.num_train_steps = 2
+    config.log_every_steps = 1
+    config.eval_every_steps = 0
+    config.checkpoint_every_steps = 1
+    config.progress_bar = False
+    config.model.backbone = "tiny"
+    config.model.pretrained = ""
+    config.dataset.crop_size = (64, 64)
+    config.dataset.eval_crop_size = (64, 64)
+    config.dataset.eval_pad_to = ()
+    config.dataset.eval_batch_size = 2
+    config.dataset.max_eval_examples = 2
+    config.dataset.repeat_factor_threshold = 0.0
+    config.dataset.worker_count = 0
+    config.dataset.synthetic.image_size = (64, 64)
+    config.dataset.synthetic.train_examples = 8
+    config.dataset.synthetic.eval_examples = 2
+    return config
+
+
+def sibling_config(config_file: str, name: str, variant: str = "") -> ml_collections.ConfigDict:
+    """``get_config(variant)`` of the config file ``name`` in the directory of ``config_file``.
+
+    Lets a config (e.g. a softmax variant) start from another one however it was loaded
+    (``config_flags`` loads files by path, so ``configs`` need not be importable).
+    """
+    path = Path(config_file).with_name(f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_jaxscaleseg_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+def variants(arg: str | None) -> set[str]:
+    """The comma-separated variant names of a ``--config file.py:variant`` argument."""
+    names = {v.strip() for v in (arg or "").split(",") if v.strip()}
+    unknown = names - {"smoke", "softmax", "ess"}
+    if unknown:
+        raise ConfigError(f"unknown config variant(s) {sorted(unknown)}; known: smoke")
+    return names
+
+
+def _pair(value, name: str, allow_empty: bool) -> None:
+    if allow_empty and len(value) == 0:
+        return
+    if len(value) != 2 or any(int(v) < 1 for v in value):
+        raise ConfigError(f"{name} must be two positive sizes (h, w), got {tuple(value)}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks a training config.
+
+    Raises:
+      ConfigError: naming the first invalid field.
+    """
+    for name in ("batch_size", "num_train_steps", "checkpoint_every_steps", "keep_checkpoints"):
+        if config[name] < 1:
+            raise ConfigError(f"{name} must be >= 1, got {config[name]}")
+    for name in ("log_every_steps",):
+        if config[name] < 1:
+            raise ConfigError(f"{name} must be >= 1, got {config[name]}")
+    if config.eval_every_steps < 0:
+        raise ConfigError(f"eval_every_steps must be >= 0, got {config.eval_every_steps}")
+    d, m, loss, o = config.dataset, config.model, config.loss, config.optim
+    if d.num_classes < 2:
+        raise ConfigError(f"dataset.num_classes must be >= 2, got {d.num_classes}")
+    _pair(d.crop_size, "dataset.crop_size", allow_empty=False)
+    _pair(d.eval_crop_size, "dataset.eval_crop_size", allow_empty=True)
+    _pair(d.eval_pad_to, "dataset.eval_pad_to", allow_empty=True)
+    _pair(d.synthetic.image_size, "dataset.synthetic.image_size", allow_empty=False)
+    if len(d.scale_range) != 2 or not 0 < d.scale_range[0] <= d.scale_range[1]:
+        raise ConfigError(f"dataset.scale_range must be 0 < min <= max, got {d.scale_range}")
+    if d.eval_batch_size < 1:
+        raise ConfigError(f"dataset.eval_batch_size must be >= 1, got {d.eval_batch_size}")
+    if m.backbone not in BACKBONES:
+        raise ConfigError(f"model.backbone must be one of {BACKBONES}, got {m.backbone!r}")
+    if m.output_stride not in OUTPUT_STRIDES:
+        raise ConfigError(
+            f"model.output_stride must be one of {OUTPUT_STRIDES}, got {m.output_stride}"
+        )
+    if m.embedding_dim < 1:
+        raise ConfigError(f"model.embedding_dim must be >= 1, got {m.embedding_dim}")
+    if m.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype must be one of {DTYPES}, got {m.dtype!r}")
+    if loss.name not in LOSSES:
+        raise ConfigError(f"loss.name must be one of {LOSSES}, got {loss.name!r}")
+    if loss.name == "ess" and not 1 <= loss.num_neighbors <= d.num_classes - 1:
+        raise ConfigError(
+            f"loss.num_neighbors must be in 1..num_classes-1={d.num_classes - 1}, "
+            f"got {loss.num_neighbors}"
+        )
+    if loss.temperature <= 0:
+        raise ConfigError(f"loss.temperature must be > 0, got {loss.temperature}")
+    if o.base_lr <= 0:
+        raise ConfigError(f"optim.base_lr must be > 0, got {o.base_lr}")
+    if len(o.poly_powers) != 3:
+        raise ConfigError(f"optim.poly_powers must have 3 values, got {tuple(o.poly_powers)}")
+    if not 0 <= o.momentum < 1:
+        raise ConfigError(f"optim.momentum must be in [0, 1), got {o.momentum}")

@@ -1,0 +1,346 @@
+"""Training: optimiser groups, steps, resume after SIGKILL, data parallelism, memory, errors."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxscaleseg import config_schema, optim, training
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def tiny_config(**overrides):
+    """A synthetic, tiny-backbone config that trains in a second or two."""
+    c = config_schema.smoke(config_schema.base_config())
+    c.dataset.name = "synthetic"
+    c.dataset.num_classes = 30
+    c.dataset.synthetic.image_size = (40, 40)
+    c.dataset.synthetic.train_examples = 16
+    c.dataset.synthetic.eval_examples = 4
+    c.dataset.crop_size = (32, 32)
+    c.dataset.eval_crop_size = (40, 40)
+    c.dataset.eval_batch_size = 4
+    c.dataset.max_eval_examples = 0
+    c.batch_size = 4
+    c.loss.num_neighbors = 5
+    c.optim.base_lr = 0.05
+    for key, value in overrides.items():
+        target = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return c
+
+
+# ----------------------------------------------------------------------------- optimiser
+
+
+def test_optimizer_groups_and_poly_schedules():
+    o = config_schema.base_config().optim
+    sched = optim.schedules(o, 100)
+    assert float(sched["backbone"](0)) == pytest.approx(0.001)
+    assert float(sched["head"](0)) == pytest.approx(0.01)
+    assert float(sched["class_embedding"](0)) == pytest.approx(0.01)
+    t = 50
+    for group, power in zip(optim.GROUPS, (0.9, 0.9, 0.95), strict=True):
+        base = float(sched[group](0))
+        expected = (base - 1e-6) * (1 - t / 100) ** power + 1e-6
+        assert float(sched[group](t)) == pytest.approx(expected, rel=1e-5)
+        assert float(sched[group](100)) == pytest.approx(1e-6)
+        assert float(sched[group](150)) == pytest.approx(1e-6)
+
+    params = {
+        "backbone": {"w": jnp.ones(3)},
+        "aspp": {"w": jnp.ones(3)},
+        "class_embedding": jnp.ones((4, 2)),
+    }
+    grads = jax.tree.map(jnp.ones_like, params)
+    tx = optim.make_optimizer(o, 100)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    # First SGD step: -lr * (g + wd * p) per group.
+    np.testing.assert_allclose(updates["backbone"]["w"], -0.001 * (1 + 1e-4), rtol=1e-6)
+    np.testing.assert_allclose(updates["aspp"]["w"], -0.01 * (1 + 1e-4), rtol=1e-6)
+    np.testing.assert_allclose(updates["class_embedding"], -0.01 * (1 + 1e-4), rtol=1e-6)
+
+    o.freeze_backbone = True
+    tx = optim.make_optimizer(o, 100)
+    state = tx.init(params)
+    for _ in range(2):
+        updates, state = tx.update(grads, state, params)
+    np.testing.assert_array_equal(updates["backbone"]["w"], 0.0)
+    # The table's momentum is 0.95 with a frozen backbone: second update = lr1*g' + 0.95*lr0*g'.
+    g = 1 + 1e-4
+    lr1 = float(optim.schedules(o, 100)["class_embedding"](1))
+    # optax.sgd accumulates momentum on the raw gradients and scales by the rate afterwards.
+    np.testing.assert_allclose(updates["class_embedding"], -lr1 * (g + 0.95 * g), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def _state_and_batch(config, key=0):
+    shape = (config.batch_size, *config.dataset.crop_size, 3)
+    state = training.create_train_state(config, jax.random.key(key), shape)
+    rng = np.random.default_rng(key)
+    batch = {
+        "image": jnp.asarray(rng.normal(size=shape), jnp.float32),
+        "label": jnp.asarray(
+            rng.integers(-1, config.dataset.num_classes, size=shape[:3]), jnp.int32
+        ),
+    }
+    return state, batch
+
+
+@pytest.mark.parametrize("loss", ["ess", "softmax"])
+def test_train_step_updates_params_and_batch_stats(loss):
+    config = tiny_config(**{"loss.name": loss})
+    state, batch = _state_and_batch(config)
+    before = jax.tree.map(np.asarray, (state.params, state.batch_stats))
+    spec = training.LossSpec.from_config(config.loss)
+    step = jax.jit(training.train_step, static_argnames="spec", donate_argnums=0)
+    state, out = step(state, batch, jax.random.key(1), spec=spec)
+    assert int(state.step) == 1
+    assert all(math.isfinite(float(v)) for v in out.values())
+    assert float(out["grad_norm"]) > 0
+    changed = jax.tree.map(lambda a, b: not np.allclose(a, b), before[1], state.batch_stats)
+    assert any(jax.tree.leaves(changed))
+    counts = jax.jit(training.eval_step, static_argnames="num_classes")(
+        state,
+        {**batch, "valid": jnp.ones(batch["label"].shape, bool)},
+        num_classes=config.dataset.num_classes,
+    )
+    assert int(counts.labelled.sum()) == int((batch["label"] >= 0).sum())
+
+
+def test_embedding_step_output_stays_at_dimension_d():
+    config = tiny_config()
+    state, batch = _state_and_batch(config)
+    out = jax.eval_shape(
+        lambda s, x: s.apply_fn({"params": s.params, "batch_stats": s.batch_stats}, x, train=False),
+        state,
+        batch["image"],
+    )
+    assert out["pixel_embedding"].shape == (*batch["label"].shape, config.model.embedding_dim)
+    assert out["class_embedding"].shape == (30, config.model.embedding_dim)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_train_and_evaluate_writes_logs_checkpoints_and_refuses_other_models(tmp_path):
+    config = tiny_config(num_train_steps=3, eval_every_steps=2, checkpoint_every_steps=2)
+    result = training.train_and_evaluate(config, tmp_path)
+    assert result["step"] == 3
+    records = training.read_metrics(tmp_path)
+    assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in records if "eval_mIoU" in r] == [2, 3]
+    assert {"train_grad_norm", "train_param_norm", "lr_backbone"} <= set(records[0])
+    assert list((tmp_path / "tensorboard").iterdir())
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [2, 3]
+    assert len(list((tmp_path / "best").iterdir())) == 1
+    saved = training.load_checkpoint(tmp_path)
+    assert int(saved["step"]) == 3
+
+    config = tiny_config(**{"dataset.num_classes": 31})
+    with pytest.raises(training.CheckpointMismatchError, match="num_classes"):
+        training.train_and_evaluate(config, tmp_path)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    config = tiny_config(num_train_steps=20, **{"optim.base_lr": 1e30})
+    with pytest.raises(training.NonFiniteLossError, match="non-finite loss at step") as info:
+        training.train_and_evaluate(config, tmp_path)
+    failed = int(str(info.value).split("step ")[1].split(" ")[0])
+    saved = training.load_checkpoint(tmp_path)
+    assert int(saved["step"]) == failed - 1
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved["params"]))
+
+
+@pytest.mark.slow
+def test_ess_step_memory_grows_only_by_the_class_table():
+    """Compiled memory of the full MobileNetV2 ESS step: C = 100 000 vs C = 19."""
+
+    def step_bytes(num_classes):
+        config = config_schema.base_config()
+        config.dataset.num_classes = num_classes
+        config.model.backbone = "mobilenet_v2"
+        config.model.pretrained = ""
+        config.batch_size = 2
+        shape = (2, 256, 256, 3)
+        state = training.abstract_train_state(config, shape)
+        batch = {
+            "image": jax.ShapeDtypeStruct(shape, jnp.float32),
+            "label": jax.ShapeDtypeStruct(shape[:3], jnp.int32),
+        }
+        spec = training.LossSpec.from_config(config.loss)
+        step = jax.jit(functools.partial(training.train_step, spec=spec), donate_argnums=0)
+        m = step.lower(state, batch, jax.random.key(0)).compile().memory_analysis()
+        total = (
+            m.argument_size_in_bytes
+            + m.output_size_in_bytes
+            + m.temp_size_in_bytes
+            - m.alias_size_in_bytes
+        )
+        return total, config.model.embedding_dim
+
+    small, dim = step_bytes(19)
+    large, _ = step_bytes(100_000)
+    table = (100_000 - 19) * dim * 4  # float32 rows
+    allowed = 3 * table + 16 * 2**20  # params + grads + momentum, plus 16 MB
+    assert large - small <= allowed, (large - small, allowed)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _cli(args, env=None, **kwargs):
+    return subprocess.Popen(
+        [PYTHON, "-m", "jaxscaleseg.train", *args],
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def _write_config(path: Path, **overrides) -> Path:
+    """A config file whose ``get_config`` is ``tiny_config(**overrides)``."""
+    path.write_text(
+        '"""python -m jaxscaleseg.train --config THIS --workdir DIR (test)."""\n'
+        "import sys\n"
+        f"sys.path.insert(0, {str(REPO / 'tests')!r})\n"
+        "from test_training import tiny_config\n\n\n"
+        "def get_config():\n"
+        f"    return tiny_config(**{overrides!r})\n"
+    )
+    return path
+
+
+def _train_losses(workdir: Path) -> dict[int, float]:
+    return {r["step"]: r["train_loss"] for r in training.read_metrics(workdir) if "train_loss" in r}
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    steps = 12
+    config = _write_config(
+        tmp_path / "cfg.py", num_train_steps=steps, checkpoint_every_steps=1, eval_every_steps=0
+    )
+    straight = tmp_path / "straight"
+    proc = _cli(["--config", str(config), "--workdir", str(straight)])
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+
+    killed = tmp_path / "killed"
+    proc = _cli(
+        ["--config", str(config), "--workdir", str(killed), "--config.progress_bar=False"],
+        start_new_session=True,
+    )
+    deadline = time.time() + 240
+    ckpt = killed / "checkpoints"
+    while time.time() < deadline:
+        done = [p for p in ckpt.glob("*") if p.name.isdigit()] if ckpt.exists() else []
+        if any(int(p.name) >= 4 for p in done):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    kept = max(int(p.name) for p in ckpt.glob("*") if p.name.isdigit())
+    assert kept < steps, "the run finished before it could be killed"
+
+    proc = _cli(["--config", str(config), "--workdir", str(killed)])
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "resuming from step" in out
+
+    a, b = training.load_checkpoint(straight), training.load_checkpoint(killed)
+    assert int(a["step"]) == int(b["step"]) == steps
+    for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"]), strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-6, rtol=0)
+    la, lb = _train_losses(straight), _train_losses(killed)
+    assert sorted(la) == sorted(lb) == list(range(1, steps + 1))
+    np.testing.assert_allclose([lb[s] for s in la], list(la.values()), atol=1e-6, rtol=0)
+
+
+_DP_SCRIPT = """
+import json, sys
+import jax
+sys.path.insert(0, {tests!r})
+from test_training import tiny_config
+from jaxscaleseg import training
+assert jax.device_count() == {devices}, jax.devices()
+config = tiny_config(num_train_steps=4, eval_every_steps=0, **{{"dataset.eval_batch_size": 4}})
+result = training.train_and_evaluate(config, {workdir!r})
+losses = [r["train_loss"] for r in training.read_metrics({workdir!r}) if "train_loss" in r]
+print("RESULT", json.dumps({{"losses": losses, "eval": result["eval"]}}))
+"""
+
+
+@pytest.mark.slow
+def test_four_devices_match_one_device(tmp_path):
+    results = {}
+    for devices in (1, 4):
+        script = _DP_SCRIPT.format(
+            tests=str(REPO / "tests"), devices=devices, workdir=str(tmp_path / str(devices))
+        )
+        env = {
+            **os.environ,
+            "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        }
+        run = subprocess.run(
+            [PYTHON, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        line = next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))
+        results[devices] = json.loads(line[len("RESULT ") :])
+    np.testing.assert_allclose(results[4]["losses"], results[1]["losses"], atol=1e-5, rtol=0)
+    assert results[4]["eval"]["mIoU"] == pytest.approx(results[1]["eval"]["mIoU"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--config.no_such_key=1"], "no_such_key"),
+        (["--config.batch_size=abc"], "batch_size"),
+        (
+            ["--config.dataset.name=seg_ade20k", "--config.dataset.data_dir=/nonexistent"],
+            "python -m jaxscaleseg.data.prepare ade20k",
+        ),  # fmt: skip
+        (["--workdir=/proc/forbidden/run"], "not writable"),
+    ],
+    ids=["unknown-key", "wrong-type", "dataset-not-prepared", "workdir-unwritable"],
+)
+def test_bad_input_is_one_line_error(tmp_path, args, message):
+    proc = _cli(
+        [
+            "--config",
+            str(REPO / "configs" / "synthetic.py") + ":smoke",
+            "--workdir",
+            str(tmp_path / "w"),
+            *args,
+        ]
+    )
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and message in lines[0], err
