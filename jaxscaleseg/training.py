@@ -170,9 +170,9 @@ def train_step(
     )
     out = {
         "loss": loss,
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(params),
-        "update_norm": optax.global_norm(updates),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
+        "update_norm": optax.tree.norm(updates),
         **parts,
     }
     return new_state, out
@@ -747,37 +747,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     summary: dict[str, Any] = {}
     step = start_step
     try:
-        with mesh:
-            for step in range(start_step + 1, config.num_train_steps + 1):
-                batch = _to_global(next(train_iter), data_sharding)
-                state, step_metrics = step_fn(state, batch, base_rng)
-                values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {step} (loss {values['loss']}, grad norm "
-                        f"{values['grad_norm']}); the last good checkpoint in "
-                        f"{workdir / 'checkpoints'} is kept"
-                    )
-                for k, v in values.items():
-                    window.setdefault(k, []).append(v)
-                progress.update(step, values["loss"])
-                if step % config.log_every_steps == 0 or step == config.num_train_steps:
-                    now = time.perf_counter()
-                    scalars = {f"train_{k}": float(np.mean(v)) for k, v in window.items()}
-                    scalars["steps_per_second"] = len(window["loss"]) / max(now - t_window, 1e-9)
-                    for group, schedule in schedules.items():
-                        scalars[f"lr_{group}"] = float(schedule(step - 1))
-                    writer.write(step, scalars)
-                    window, t_window = {}, now
-                evaluating = step == config.num_train_steps or (
-                    config.eval_every_steps and step % config.eval_every_steps == 0
+        for step in range(start_step + 1, config.num_train_steps + 1):
+            batch = _to_global(next(train_iter), data_sharding)
+            state, step_metrics = step_fn(state, batch, base_rng)
+            values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+            if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {step} (loss {values['loss']}, grad norm "
+                    f"{values['grad_norm']}); the last good checkpoint in "
+                    f"{workdir / 'checkpoints'} is kept"
                 )
-                if evaluating:
-                    summary = run_eval(step)
-                if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
-                    save(step)
-            if start_step >= config.num_train_steps:
-                summary = run_eval(start_step)
+            for k, v in values.items():
+                window.setdefault(k, []).append(v)
+            progress.update(step, values["loss"])
+            if step % config.log_every_steps == 0 or step == config.num_train_steps:
+                now = time.perf_counter()
+                scalars = {f"train_{k}": float(np.mean(v)) for k, v in window.items()}
+                scalars["steps_per_second"] = len(window["loss"]) / max(now - t_window, 1e-9)
+                for group, schedule in schedules.items():
+                    scalars[f"lr_{group}"] = float(schedule(step - 1))
+                writer.write(step, scalars)
+                window, t_window = {}, now
+            evaluating = step == config.num_train_steps or (
+                config.eval_every_steps and step % config.eval_every_steps == 0
+            )
+            if evaluating:
+                summary = run_eval(step)
+            if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
+                save(step)
+        if start_step >= config.num_train_steps:
+            summary = run_eval(start_step)
     finally:
         progress.close()
         writer.close()

@@ -385,3 +385,43 @@ def test_reading_back_needs_no_tensorflow(tmp_path, manual):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-2:] == ["ok", "2"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Prepared sets read through the input pipeline.
+
+
+@pytest.mark.parametrize(
+    ("name", "config", "make", "num_classes"),
+    [
+        ("ade20k", None, fx.make_ade20k, 150),
+        ("cityscapes", None, fx.make_cityscapes, 19),
+        ("pascal_voc", "voc2012", fx.make_pascal_voc, 21),
+        ("coco_stuff", "stuff164k", fx.make_coco_stuff_164k, 171),
+        ("coco_stuff", "stuff10k_182", lambda d: fx.make_coco_stuff_10k(d)[182], 182),
+        ("coco_lvis", None, fx.make_coco_lvis, 1284),
+    ],
+)
+def test_prepared_sets_through_the_eval_pipeline(tmp_path, manual, name, config, make, num_classes):
+    """Void becomes -1, ids stay, and every pixel of every image comes out exactly once."""
+    from jaxscaleseg.data import pipeline
+
+    expected = make(manual)
+    _prepare(tmp_path, name, config=config)
+    split, want = next(iter(expected.items()))
+    full = builders.tfds_name(name) + (f"/{config}" if config else "")
+    source = tfds.data_source(full, split=split, data_dir=str(tmp_path / "data"))
+    order = []
+    for i in range(len(source)):
+        file_name = source[i]["file_name"]
+        order.append(file_name.decode() if isinstance(file_name, bytes) else str(file_name))
+    batches = list(pipeline.make_eval_iterator(source, batch_size=2, num_classes=num_classes))
+    labels = np.concatenate([b["label"] for b in batches])
+    valid = np.concatenate([b["valid"] for b in batches])
+    assert valid.sum() == sum(w.size for w in want.values())
+    for index, file_name in enumerate(order):
+        stored = want[file_name].astype(np.int64)
+        mapped = np.where(stored == V, -1, stored)
+        height, width = mapped.shape
+        assert valid[index, :height, :width].all() and valid[index].sum() == mapped.size
+        np.testing.assert_array_equal(labels[index, :height, :width], mapped, err_msg=file_name)

@@ -1,0 +1,632 @@
+"""Whole-image, sliding-window and test-time-augmented inference, and the ``Predictor`` API.
+
+The feature functions take an ``apply_fn(images float32 [B, h, w, 3]) -> dict`` — the model's
+eval-mode apply with its variables bound — so they run with any model, or with a fake one in
+tests. They return ``(features, class_embedding)``:
+
+* embedding head: ``features`` float32 ``[B, H, W, D]``, L2-normalised per pixel, and the class
+  table ``[C, D]``. Windows, flips and scales are merged in embedding space: the normalised
+  embeddings are summed and the sum re-normalised (the direction of their mean). Nothing has C
+  entries per pixel; :func:`features_to_labels` assigns classes with the memory-bounded
+  :func:`jaxscaleseg.knn.assign`.
+* softmax head: ``features`` are the mean logits ``[B, H, W, C]`` and ``class_embedding`` is
+  None; labels are their argmax.
+
+Every resize (image to a test scale, features back to the image size) is bilinear with
+half-pixel centres, like the model's own upsampling.
+
+Typical use::
+
+    predictor = Predictor.from_workdir(config, "workdirs/demo", checkpoint="best")
+    labels = predictor(image_uint8)  # int32 [H, W]
+
+Checkpoint layout read by :func:`load_variables` (written by :mod:`jaxscaleseg.training`)::
+
+    <workdir>/checkpoints/<step>/state   latest states: {step, params, batch_stats, opt_state}
+    <workdir>/best/<step>/state          the best-mIoU state
+    <workdir>/model.json                 the model's architecture (backbone, head, C, D, ...)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxscaleseg import knn
+from jaxscaleseg.data import augment, synthetic
+from jaxscaleseg.models import build_model, l2_normalize
+from jaxscaleseg.models.layers import resize_bilinear
+
+ApplyFn = Callable[[jax.Array], Mapping[str, jax.Array]]
+Features = tuple[jax.Array, jax.Array | None]
+
+MODES = ("whole", "slide")
+# Multi-scale test scales in common use (mmsegmentation, DeepLab): 0.5 to 1.75 in steps of 0.25.
+COMMON_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+CHECKPOINT_DIRS = {"latest": "checkpoints", "best": "best"}
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """The workdir holds no checkpoint of the requested kind; the message says what was sought."""
+
+
+class ModelMismatchError(ValueError):
+    """The workdir's ``model.json`` describes another model than the config."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceSettings:
+    """How predictions are computed.
+
+    Attributes:
+      mode: ``"whole"`` (the full image at once) or ``"slide"`` (windows of ``crop_size``).
+      crop_size: ``(h, w)`` of the sliding windows (``"slide"`` only).
+      stride: ``(h, w)`` step between windows; None: two thirds of ``crop_size``.
+      flip: also predict the horizontally flipped image and merge.
+      scales: image scales to predict at and merge (1.0: the original size).
+      max_block_bytes: memory budget of the nearest-class search.
+    """
+
+    mode: str = "whole"
+    crop_size: tuple[int, int] | None = None
+    stride: tuple[int, int] | None = None
+    flip: bool = False
+    scales: tuple[float, ...] = (1.0,)
+    max_block_bytes: int = knn.DEFAULT_MAX_BLOCK_BYTES
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "slide":
+            if self.crop_size is None or len(self.crop_size) != 2 or min(self.crop_size) < 1:
+                raise ValueError(f"sliding windows need a crop_size (h, w), got {self.crop_size}")
+            if self.stride is not None and (len(self.stride) != 2 or min(self.stride) < 1):
+                raise ValueError(f"stride must be two positive sizes (h, w), got {self.stride}")
+        if not self.scales or min(self.scales) <= 0:
+            raise ValueError(f"scales must be positive, got {self.scales}")
+
+    @property
+    def window(self) -> tuple[tuple[int, int], tuple[int, int]] | None:
+        """``(crop_size, stride)`` in sliding-window mode, else None."""
+        if self.mode != "slide":
+            return None
+        crop = (int(self.crop_size[0]), int(self.crop_size[1]))
+        stride = self.stride or (max(1, 2 * crop[0] // 3), max(1, 2 * crop[1] // 3))
+        return crop, (int(stride[0]), int(stride[1]))
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, **overrides) -> InferenceSettings:
+        """Settings from a config's optional ``inference`` section, then ``overrides``.
+
+        The section may hold ``mode``, ``crop_size``, ``stride``, ``flip`` and ``scales``;
+        a missing section or field keeps the default (sliding windows default to the training
+        ``dataset.crop_size``). Overrides whose value is None are ignored.
+        """
+        section = config.get("inference", None) or {}
+        values: dict[str, Any] = {}
+        for name in ("mode", "crop_size", "stride", "flip", "scales"):
+            if name in section and section[name] not in (None, ()):
+                values[name] = section[name]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if values.get("mode") == "slide" and not values.get("crop_size"):
+            values["crop_size"] = tuple(config.dataset.crop_size)
+        for name in ("crop_size", "stride"):
+            if values.get(name):
+                values[name] = tuple(int(v) for v in values[name])
+            else:
+                values.pop(name, None)
+        if "scales" in values:
+            values["scales"] = tuple(float(s) for s in values["scales"])
+        return cls(**values)
+
+
+# --------------------------------------------------------------------------- features
+
+
+def _split_outputs(outputs: Mapping[str, jax.Array]) -> Features:
+    """``(features, class_embedding)`` of one model output; embeddings L2-normalised."""
+    if "pixel_embedding" in outputs:
+        return l2_normalize(outputs["pixel_embedding"]), outputs["class_embedding"]
+    return outputs["logits"].astype(jnp.float32), None
+
+
+def whole_image_features(apply_fn: ApplyFn, images: jax.Array) -> Features:
+    """Features of whole images in one forward pass.
+
+    Args:
+      apply_fn: eval-mode model apply, images ``[B, h, w, 3]`` to the model's output dict.
+      images: float32 ``[B, H, W, 3]`` normalised images.
+
+    Returns:
+      ``(features [B, H, W, K], class_embedding [C, D] or None)``: normalised embeddings
+      (K = D) or logits (K = C).
+    """
+    return _split_outputs(apply_fn(images))
+
+
+def window_starts(length: int, crop: int, stride: int) -> list[int]:
+    """Start offsets of windows covering ``[0, length)``; the last one ends at the far edge.
+
+    Args:
+      length: image size along the axis.
+      crop: window size.
+      stride: step between consecutive windows.
+
+    Returns:
+      Ascending distinct offsets; ``[0]`` when the image is no larger than the window.
+    """
+    if length <= crop:
+        return [0]
+    count = -(-(length - crop) // stride) + 1
+    return sorted({min(i * stride, length - crop) for i in range(count)})
+
+
+def sliding_window_features(
+    apply_fn: ApplyFn,
+    images: jax.Array,
+    crop_size: tuple[int, int],
+    stride: tuple[int, int],
+) -> Features:
+    """Features from overlapping windows, merged per pixel.
+
+    Windows of ``crop_size`` are placed every ``stride`` pixels, the last one aligned with the
+    bottom/right edge, so every pixel is covered. An image smaller than a window is padded at
+    the bottom/right with 0 (the mean colour in normalised space) and the features are cropped
+    back. Overlaps are merged in embedding space (sum of normalised embeddings, re-normalised)
+    or as the mean of the logits. Every window has the same shape: one compilation.
+
+    Args:
+      apply_fn: eval-mode model apply.
+      images: float32 ``[B, H, W, 3]`` normalised images.
+      crop_size: ``(h, w)`` of the windows.
+      stride: ``(h, w)`` step between windows.
+
+    Returns:
+      ``(features [B, H, W, K], class_embedding or None)`` as in
+      :func:`whole_image_features`.
+    """
+    _, height, width, _ = images.shape
+    crop_h, crop_w = int(crop_size[0]), int(crop_size[1])
+    pad_h, pad_w = max(crop_h - height, 0), max(crop_w - width, 0)
+    if pad_h or pad_w:
+        images = jnp.pad(images, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+    total = count = class_embedding = None
+    for top in window_starts(height + pad_h, crop_h, int(stride[0])):
+        for left in window_starts(width + pad_w, crop_w, int(stride[1])):
+            window = images[:, top : top + crop_h, left : left + crop_w]
+            features, class_embedding = whole_image_features(apply_fn, window)
+            if total is None:
+                total = jnp.zeros((*images.shape[:3], features.shape[-1]), jnp.float32)
+                count = jnp.zeros((1, *images.shape[1:3], 1), jnp.float32)
+            total = total.at[:, top : top + crop_h, left : left + crop_w].add(features)
+            count = count.at[:, top : top + crop_h, left : left + crop_w].add(1.0)
+    total = total[:, :height, :width]
+    if class_embedding is not None:
+        return l2_normalize(total), class_embedding
+    return total / count[:, :height, :width], None
+
+
+def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    """``(H, W)`` scaled and rounded, at least 1 pixel each."""
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def tta_features(
+    apply_fn: ApplyFn,
+    images: jax.Array,
+    *,
+    flip: bool = False,
+    scales: Sequence[float] = (1.0,),
+    crop_size: tuple[int, int] | None = None,
+    stride: tuple[int, int] | None = None,
+) -> Features:
+    """Features merged over test-time scales and horizontal flips.
+
+    Each scaled (and possibly flipped) image is predicted whole, or by sliding windows when
+    ``crop_size`` is given; its features are flipped back, resized bilinearly to the image
+    size and merged like overlapping windows (normalised embeddings summed then re-normalised,
+    or logits averaged).
+
+    Args:
+      apply_fn: eval-mode model apply.
+      images: float32 ``[B, H, W, 3]`` normalised images.
+      flip: add the horizontally flipped image.
+      scales: scale factors, e.g. ``(1.0,)`` or :data:`COMMON_SCALES`.
+      crop_size: sliding-window size, or None for whole images.
+      stride: sliding-window stride (required with ``crop_size``).
+
+    Returns:
+      ``(features [B, H, W, K], class_embedding or None)``.
+    """
+    _, height, width, _ = images.shape
+    total = class_embedding = None
+    views = 0
+    for scale in scales:
+        size = scaled_size((height, width), float(scale))
+        scaled = resize_bilinear(images, *size)
+        for flipped in (False, True) if flip else (False,):
+            view = scaled[:, :, ::-1] if flipped else scaled
+            if crop_size is None:
+                features, class_embedding = whole_image_features(apply_fn, view)
+            else:
+                features, class_embedding = sliding_window_features(
+                    apply_fn, view, crop_size, stride
+                )
+            if flipped:
+                features = features[:, :, ::-1]
+            features = resize_bilinear(features, height, width)
+            if class_embedding is not None:
+                features = l2_normalize(features)
+            total = features if total is None else total + features
+            views += 1
+    if class_embedding is not None:
+        return (l2_normalize(total) if views > 1 else total), class_embedding
+    return total / views, None
+
+
+def infer_features(apply_fn: ApplyFn, images: jax.Array, settings: InferenceSettings) -> Features:
+    """Features of ``images`` float32 ``[B, H, W, 3]`` as ``settings`` prescribe."""
+    window = settings.window
+    crop, stride = window if window else (None, None)
+    return tta_features(
+        apply_fn, images, flip=settings.flip, scales=settings.scales, crop_size=crop, stride=stride
+    )
+
+
+@functools.partial(jax.jit, static_argnames="max_block_bytes")
+def _assign(features: jax.Array, class_embedding: jax.Array, max_block_bytes: int) -> jax.Array:
+    return knn.assign(features, class_embedding, max_block_bytes=max_block_bytes)
+
+
+@jax.jit
+def _argmax(logits: jax.Array) -> jax.Array:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def features_to_labels(
+    features: jax.Array,
+    class_embedding: jax.Array | None = None,
+    *,
+    max_block_bytes: int = knn.DEFAULT_MAX_BLOCK_BYTES,
+) -> jax.Array:
+    """Class ids from features.
+
+    Args:
+      features: float ``[..., D]`` pixel embeddings (with ``class_embedding``) or ``[..., C]``
+        logits (without).
+      class_embedding: float ``[C, D]`` class table, or None for logits.
+      max_block_bytes: memory budget of the nearest-class search.
+
+    Returns:
+      int32 ``[...]``: the nearest class (Euclidean) or the argmax of the logits.
+    """
+    if class_embedding is None:
+        return _argmax(features)
+    return _assign(features, class_embedding, max_block_bytes)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def model_spec(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None
+) -> dict[str, Any]:
+    """The architecture of a run: ``model.json`` in ``workdir`` if present, else the config.
+
+    Returns:
+      ``{"backbone", "head", "num_classes", "embedding_dim", "output_stride", "separable"}``.
+    """
+    if workdir is not None:
+        path = Path(os.path.expanduser(str(workdir))) / "model.json"
+        if path.exists():
+            return json.loads(path.read_text())
+    return {
+        "backbone": config.model.backbone,
+        "head": "softmax" if config.loss.name == "softmax" else "embedding",
+        "num_classes": int(config.dataset.num_classes),
+        "embedding_dim": int(config.model.embedding_dim),
+        "output_stride": int(config.model.output_stride),
+        "separable": bool(config.model.separable),
+    }
+
+
+def model_from_spec(spec: Mapping[str, Any], config: ml_collections.ConfigDict) -> nn.Module:
+    """Builds the model of ``spec`` (see :func:`model_spec`) with the config's dtype."""
+    return build_model(
+        spec["backbone"],
+        head=spec["head"],
+        num_classes=int(spec["num_classes"]),
+        embedding_dim=int(spec["embedding_dim"]),
+        output_stride=int(spec["output_stride"]),
+        separable=bool(spec.get("separable", False)),
+        dtype=jnp.dtype(config.model.dtype),
+        bn_momentum=config.model.bn_momentum,
+    )
+
+
+def _steps(directory: Path) -> list[int]:
+    """Committed checkpoint steps in a CheckpointManager directory (read without writing)."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def find_checkpoint(workdir: str | os.PathLike, checkpoint: str | int = "best") -> tuple[Path, int]:
+    """The directory and step of the requested checkpoint.
+
+    Args:
+      workdir: a training workdir.
+      checkpoint: ``"best"`` (best validation mIoU), ``"latest"``, or a step number (looked
+        for among the latest checkpoints, then the best).
+
+    Returns:
+      ``(manager_directory, step)``.
+
+    Raises:
+      CheckpointNotFoundError: naming the workdir and what was looked for.
+    """
+    workdir = Path(os.path.expanduser(str(workdir)))
+    key = str(checkpoint)
+    if key in CHECKPOINT_DIRS:
+        directory = workdir / CHECKPOINT_DIRS[key]
+        steps = _steps(directory)
+        if steps:
+            return directory, steps[-1]
+        hint = " (no evaluation has run yet? try --checkpoint latest)" if key == "best" else ""
+        raise CheckpointNotFoundError(
+            f"no {key} checkpoint in workdir {workdir}: {directory} holds no step{hint}"
+        )
+    if not key.isdigit():
+        raise ValueError(f"checkpoint must be 'best', 'latest' or a step, got {checkpoint!r}")
+    for name in ("checkpoints", "best"):
+        if int(key) in _steps(workdir / name):
+            return workdir / name, int(key)
+    available = sorted(set(_steps(workdir / "checkpoints")) | set(_steps(workdir / "best")))
+    raise CheckpointNotFoundError(
+        f"no checkpoint of step {key} in workdir {workdir} (looked in checkpoints/ and best/; "
+        f"steps there: {available or 'none'})"
+    )
+
+
+def load_variables(
+    workdir: str | os.PathLike, checkpoint: str | int = "best"
+) -> tuple[dict[str, Any], int]:
+    """The model variables of a saved training state.
+
+    Returns:
+      ``({"params": ..., "batch_stats": ...}, step)`` with numpy leaves.
+
+    Raises:
+      CheckpointNotFoundError: see :func:`find_checkpoint`.
+    """
+    import orbax.checkpoint as ocp  # noqa: PLC0415 (only when loading from a workdir)
+
+    directory, step = find_checkpoint(workdir, checkpoint)
+    with ocp.CheckpointManager(
+        directory.absolute(),
+        item_names=("state",),
+        options=ocp.CheckpointManagerOptions(create=False),
+    ) as manager:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    state = restored["state"]
+    variables = {"params": state["params"]}
+    if state.get("batch_stats"):
+        variables["batch_stats"] = state["batch_stats"]
+    return variables, int(step)
+
+
+def dataset_class_info(
+    config: ml_collections.ConfigDict, num_classes: int | None = None
+) -> tuple[tuple[str, ...], np.ndarray]:
+    """Class names and palette of the config's dataset.
+
+    The synthetic set's names and hash palette; a TFDS builder's ``class_names`` and
+    ``palette`` metadata when the dataset is prepared; otherwise ``class_<id>`` names and the
+    hash palette.
+
+    Returns:
+      ``(names, palette uint8 [C, 3])``.
+    """
+    num_classes = int(num_classes or config.dataset.num_classes)
+    names, palette = synthetic.class_names(num_classes), synthetic.make_palette(num_classes)
+    if config.dataset.name == "synthetic":
+        return names, palette
+    try:
+        import tensorflow_datasets as tfds  # noqa: PLC0415 (heavy; only for real datasets)
+
+        from jaxscaleseg.data import builders  # noqa: PLC0415 (registers the builders)
+
+        name = builders.tfds_name(config.dataset.name)
+        full = f"{name}/{config.dataset.config}" if config.dataset.config else name
+        builder = tfds.builder(full, data_dir=os.path.expanduser(config.dataset.data_dir))
+        metadata = builder.info.metadata or {}
+        if len(metadata.get("class_names", ())) == num_classes:
+            names = tuple(str(n) for n in metadata["class_names"])
+        if len(metadata.get("palette", ())) == num_classes:
+            palette = np.asarray(metadata["palette"], np.uint8).reshape(num_classes, 3)
+    except Exception:  # noqa: BLE001 (names are cosmetic: fall back to the generic ones)
+        pass
+    return names, palette
+
+
+# --------------------------------------------------------------------------- predictor
+
+
+def _as_rgb_batch(images: np.ndarray) -> tuple[np.ndarray, bool]:
+    """uint8/float images ``[H, W, 3]`` or ``[B, H, W, 3]`` (grey ``[H, W]`` accepted)."""
+    images = np.asarray(images)
+    if images.ndim == 2:
+        images = images[..., None]
+    single = images.ndim == 3
+    if single:
+        images = images[None]
+    if images.ndim != 4:
+        raise ValueError(f"expected an image [H, W, 3] or a batch [B, H, W, 3], got {images.shape}")
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    if images.shape[-1] == 4:
+        images = images[..., :3]
+    if images.shape[-1] != 3:
+        raise ValueError(f"expected 1, 3 or 4 channels, got {images.shape[-1]}")
+    return images, single
+
+
+class Predictor:
+    """A model loaded once and called on images.
+
+    ``predictor(image)`` maps a uint8 RGB image ``[H, W, 3]`` (or a batch ``[B, H, W, 3]`` of
+    equal-size images) to int32 class ids ``[H, W]`` (``[B, H, W]``) at the image's resolution,
+    with the inference settings (sliding window, flip, scales) it was built with.
+
+    Attributes:
+      model: the flax module.
+      variables: its variables (``params``, ``batch_stats``).
+      num_classes: C.
+      class_names: C names.
+      palette: uint8 ``[C, 3]`` colours.
+      settings: the :class:`InferenceSettings`.
+      step: the training step of the checkpoint (None if unknown).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        variables: Mapping[str, Any],
+        *,
+        class_names: Sequence[str] | None = None,
+        palette: np.ndarray | None = None,
+        settings: InferenceSettings | None = None,
+        step: int | None = None,
+    ):
+        self.model = model
+        self.variables = jax.device_put(dict(variables))
+        self.num_classes = int(model.num_classes)
+        self.class_names = tuple(class_names or synthetic.class_names(self.num_classes))
+        if palette is None:
+            palette = synthetic.make_palette(self.num_classes)
+        self.palette = np.asarray(palette, np.uint8).reshape(self.num_classes, 3)
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(
+                f"{len(self.class_names)} class names for a model of {self.num_classes} classes"
+            )
+        self.settings = settings or InferenceSettings()
+        self.step = step
+        # Variables are an argument, not a closure constant: one compilation per input shape.
+        self._apply = jax.jit(functools.partial(model.apply, train=False))
+
+    @classmethod
+    def from_workdir(
+        cls,
+        config: ml_collections.ConfigDict,
+        workdir: str | os.PathLike,
+        checkpoint: str | int = "best",
+        settings: InferenceSettings | None = None,
+    ) -> Predictor:
+        """Loads a training workdir's checkpoint (see the module docstring for the layout).
+
+        Args:
+          config: the run's config (architecture when the workdir has no ``model.json``,
+            dtype, dataset for class names and palette, optional ``inference`` section).
+          workdir: the training workdir.
+          checkpoint: ``"best"``, ``"latest"`` or a step.
+          settings: inference settings; None: :meth:`InferenceSettings.from_config`.
+
+        Raises:
+          CheckpointNotFoundError: naming the workdir and the checkpoint looked for.
+        """
+        variables, step = load_variables(workdir, checkpoint)
+        spec, expected = model_spec(config, workdir), model_spec(config)
+        diffs = [
+            f"{k}: workdir {spec.get(k)!r} vs config {v!r}"
+            for k, v in expected.items()
+            if spec.get(k) != v
+        ]
+        if diffs:
+            raise ModelMismatchError(
+                f"workdir {workdir} holds a different model than the config ({'; '.join(diffs)})"
+            )
+        model = model_from_spec(spec, config)
+        names, palette = dataset_class_info(config, spec["num_classes"])
+        return cls(
+            model,
+            variables,
+            class_names=names,
+            palette=palette,
+            settings=settings or InferenceSettings.from_config(config),
+            step=step,
+        )
+
+    def apply_fn(self, images: jax.Array) -> Mapping[str, jax.Array]:
+        """The eval-mode model on normalised images ``[B, h, w, 3]`` (jitted per shape)."""
+        return self._apply(self.variables, images)
+
+    def features(self, images: jax.Array) -> Features:
+        """``infer_features`` of normalised images float32 ``[B, H, W, 3]``."""
+        return infer_features(self.apply_fn, jnp.asarray(images, jnp.float32), self.settings)
+
+    def predict_normalized(self, images: jax.Array) -> jax.Array:
+        """int32 ``[B, H, W]`` class ids of normalised images float32 ``[B, H, W, 3]``."""
+        features, class_embedding = self.features(images)
+        return features_to_labels(
+            features, class_embedding, max_block_bytes=self.settings.max_block_bytes
+        )
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """Class ids of uint8 RGB images.
+
+        Args:
+          images: uint8 ``[H, W, 3]`` or ``[B, H, W, 3]`` (grey ``[H, W]``/``[..., 1]`` and RGBA
+            are accepted; alpha is dropped).
+
+        Returns:
+          int32 numpy ``[H, W]`` or ``[B, H, W]``.
+        """
+        batch, single = _as_rgb_batch(images)
+        labels = np.asarray(self.predict_normalized(augment.normalize(batch)))
+        return labels[0] if single else labels
+
+
+def describe(settings: InferenceSettings) -> str:
+    """A short human-readable summary of the settings, e.g. ``slide 512x512/341x341 flip``."""
+    parts = ["whole"]
+    if settings.window:
+        (ch, cw), (sh, sw) = settings.window
+        parts = [f"slide {ch}x{cw}/{sh}x{sw}"]
+    if settings.flip:
+        parts.append("flip")
+    if tuple(settings.scales) != (1.0,):
+        parts.append("scales " + ",".join(f"{s:g}" for s in settings.scales))
+    return " ".join(parts)
+
+
+__all__ = [
+    "COMMON_SCALES",
+    "CheckpointNotFoundError",
+    "InferenceSettings",
+    "ModelMismatchError",
+    "Predictor",
+    "dataset_class_info",
+    "describe",
+    "features_to_labels",
+    "find_checkpoint",
+    "infer_features",
+    "load_variables",
+    "model_from_spec",
+    "model_spec",
+    "scaled_size",
+    "sliding_window_features",
+    "tta_features",
+    "whole_image_features",
+    "window_starts",
+]
