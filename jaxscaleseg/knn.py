@@ -21,6 +21,8 @@ No gradient flows through the search: it returns integer ids and distances compu
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -213,8 +215,25 @@ def _smallest_k(scores: jax.Array, k: int, group: int, levels: int) -> tuple[jax
     return values, ids
 
 
+def _top_k_smallest(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """``lax.top_k`` selection of the k smallest per row: the fast path on GPU and TPU.
+
+    Args:
+      scores: float32 ``[R, M]``.
+      k: how many to keep.
+
+    Returns:
+      ``(values [R, k], positions [R, k] int32)``, ascending.
+    """
+    if k == 1:
+        positions = jnp.argmin(scores, axis=-1)[:, None].astype(jnp.int32)
+        return jnp.take_along_axis(scores, positions, axis=-1), positions
+    neg_values, positions = lax.top_k(-scores, k)
+    return -neg_values, positions.astype(jnp.int32)
+
+
 def _search_rows(
-    queries: jax.Array, class_table: jax.Array, k: int, cols: int, plan: tuple[int, int]
+    queries: jax.Array, class_table: jax.Array, k: int, cols: int, select: Callable
 ) -> jax.Array:
     """Ids of the k nearest classes for one block of query rows.
 
@@ -227,8 +246,8 @@ def _search_rows(
       class_table: float32 ``[C', D + 1]`` rows ``[−2e, ‖e‖²]``, C' a multiple of ``cols``;
         padding rows ``[0, BIG]``.
       k: neighbours per query.
-      cols: classes per column block, a multiple of ``group**levels``.
-      plan: ``(group, levels)`` of the pruned selection.
+      cols: classes per column block (a multiple of the selection's group unit).
+      select: ``select(scores [R, cols], k) -> (values [R, k], positions [R, k])``.
 
     Returns:
       int32 ``[R, k]``, ascending by distance.
@@ -236,13 +255,13 @@ def _search_rows(
     num_col_blocks = class_table.shape[0] // cols
     if num_col_blocks == 1:
         scores = jnp.dot(queries, class_table.T, precision=_HIGHEST)
-        return _smallest_k(scores, k, *plan)[1]
+        return select(scores, k)[1]
 
     def merge(best, block_index):
         start = block_index * cols
         block = lax.dynamic_slice_in_dim(class_table, start, cols)
         scores = jnp.dot(queries, block.T, precision=_HIGHEST)
-        values, positions = _smallest_k(scores, k, *plan)
+        values, positions = select(scores, k)
         merged = _k_best_columns(
             jnp.concatenate([best[0], values.T], axis=0),
             jnp.concatenate([best[1], positions.T + start], axis=0),
@@ -289,6 +308,7 @@ def nearest_class_ids(
     *,
     exclude: jax.Array | None = None,
     max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
+    method: str = "auto",
 ) -> jax.Array:
     """Ids of the k nearest classes of each query (Euclidean), exact, without distances.
 
@@ -299,10 +319,17 @@ def nearest_class_ids(
       exclude: int ``[...]`` (the leading shape of ``queries``): for each query one class id
         that is never returned (e.g. its target). Ids outside ``[0, C)`` exclude nothing.
       max_block_bytes: budget for the queries×classes block held at once.
+      method: how each block's k smallest are selected: ``"pyramid"`` (pruning over group
+        minima with elementwise insertions, fastest on CPU), ``"top_k"`` (``lax.top_k``,
+        fastest on GPU and TPU) or ``"auto"`` (by the default backend). Both are exact.
 
     Returns:
       int32 ``[..., k]``, nearest first.
     """
+    if method == "auto":
+        method = "pyramid" if jax.default_backend() == "cpu" else "top_k"
+    if method not in ("pyramid", "top_k"):
+        raise ValueError(f"method={method!r}; expected 'auto', 'pyramid' or 'top_k'")
     num_classes, dim = class_emb.shape
     if queries.shape[-1] != dim:
         raise ValueError(
@@ -324,8 +351,14 @@ def nearest_class_ids(
     # itself needs no mask.
     wanted = k + (exclude is not None)
     rows, cols = block_shape(num_queries, num_classes, max_block_bytes)
-    plan = _selection_plan(max(cols, wanted), wanted)
-    unit = plan[0] ** plan[1]
+    if method == "pyramid":
+        group, levels = _selection_plan(max(cols, wanted), wanted)
+        unit = group**levels
+
+        def select(scores, count):
+            return _smallest_k(scores, count, group, levels)
+    else:
+        unit, select = 1, _top_k_smallest
     if cols == num_classes:  # one column block: pad the class axis to whole top-level groups
         cols = -(-num_classes // unit) * unit
     else:  # column blocks of whole top-level groups, within the budget
@@ -341,7 +374,7 @@ def nearest_class_ids(
     num_row_blocks = augmented.shape[0] // rows
 
     def search(block_queries):
-        return _search_rows(block_queries, table, wanted, cols, plan)
+        return _search_rows(block_queries, table, wanted, cols, select)
 
     if num_row_blocks == 1:
         ids = search(augmented)
@@ -379,6 +412,7 @@ def nearest_classes(
     *,
     exclude: jax.Array | None = None,
     max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
+    method: str = "auto",
 ) -> tuple[jax.Array, jax.Array]:
     """The k nearest classes of each query and their distances, exact and memory-bounded.
 
@@ -389,6 +423,7 @@ def nearest_classes(
       k: number of neighbours, ``1 <= k <= C`` (``C - 1`` when ``exclude`` is given).
       exclude: optional int ``[...]``: one class id per query never returned.
       max_block_bytes: budget for the queries×classes block held at once (default 64 MiB).
+      method: block selection, see :func:`nearest_class_ids`.
 
     Returns:
       ``(distances, indices)``: float32 ``[..., k]`` Euclidean distances, ascending, and the
@@ -408,6 +443,7 @@ def assign(
     class_emb: jax.Array,
     *,
     max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
+    method: str = "auto",
 ) -> jax.Array:
     """The nearest class of each query (inference for the embedding head).
 
@@ -415,8 +451,10 @@ def assign(
       queries: ``[..., D]`` float pixel embeddings.
       class_emb: ``[C, D]`` float class embeddings.
       max_block_bytes: budget for the queries×classes block held at once.
+      method: block selection, see :func:`nearest_class_ids`.
 
     Returns:
       int32 ``[...]`` class ids.
     """
-    return nearest_class_ids(queries, class_emb, 1, max_block_bytes=max_block_bytes)[..., 0]
+    ids = nearest_class_ids(queries, class_emb, 1, max_block_bytes=max_block_bytes, method=method)
+    return ids[..., 0]

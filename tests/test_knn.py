@@ -34,13 +34,16 @@ def random_embeddings(seed, num_queries, num_classes, dim):
         (6, 100, 97, 4, 3, 3_000),
     ],
 )
+@pytest.mark.parametrize("method", ["pyramid", "top_k"])
 def test_nearest_classes_matches_reference(
-    maybe_jit, seed, num_queries, num_classes, dim, k, budget
+    maybe_jit, seed, num_queries, num_classes, dim, k, budget, method
 ):
     queries, classes, rng = random_embeddings(seed, num_queries, num_classes, dim)
     exclude = rng.integers(0, num_classes, num_queries).astype(np.int32)
     search = maybe_jit(
-        lambda q, e, x: knn.nearest_classes(q, e, k, exclude=x, max_block_bytes=budget)
+        lambda q, e, x: knn.nearest_classes(
+            q, e, k, exclude=x, max_block_bytes=budget, method=method
+        )
     )
     distances, ids = search(queries, classes, exclude)
     ref_d, ref_ids = reference.nearest(queries, classes, k, exclude=exclude)
@@ -65,12 +68,14 @@ def test_nearest_classes_without_exclusion_and_leading_shape(maybe_jit):
     np.testing.assert_array_equal(np.asarray(ids).reshape(-1, 5), ref_ids)
 
 
+@pytest.mark.parametrize("method", ["pyramid", "top_k"])
 @pytest.mark.parametrize(
     "seed,num_classes,budget", [(8, 5, 1 << 20), (9, 3000, 1 << 26), (10, 2000, 20_000)]
 )
-def test_assign_matches_reference(maybe_jit, seed, num_classes, budget):
+def test_assign_matches_reference(maybe_jit, seed, num_classes, budget, method):
     queries, classes, _ = random_embeddings(seed, 600, num_classes, 12)
-    ids = maybe_jit(lambda q, e: knn.assign(q, e, max_block_bytes=budget))(queries, classes)
+    assign = maybe_jit(lambda q, e: knn.assign(q, e, max_block_bytes=budget, method=method))
+    ids = assign(queries, classes)
     ref = reference.distances(queries, classes).argmin(-1)
     assert ids.shape == (600,)
     np.testing.assert_array_equal(np.asarray(ids), ref)
