@@ -165,7 +165,13 @@ def _group_minima(values: jax.Array, group: int) -> jax.Array:
     return minima
 
 
-def _smallest_k(scores: jax.Array, k: int, group: int, levels: int) -> tuple[jax.Array, jax.Array]:
+def _smallest_k(
+    scores: jax.Array,
+    k: int,
+    group: int,
+    levels: int,
+    rescore: Callable[[jax.Array], jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """The k smallest entries of each row, ascending, by pruning over a pyramid of minima.
 
     The columns are cut into groups of S, those into groups of S groups, and so on, and each
@@ -181,6 +187,9 @@ def _smallest_k(scores: jax.Array, k: int, group: int, levels: int) -> tuple[jax
       k: how many to keep, at most the number of finite entries per row.
       group: the group size S.
       levels: pyramid levels L (0: insert every column).
+      rescore: optional ``rescore(columns [R, m]) -> scores [R, m]`` recomputing the scores of
+        the last level's candidates instead of gathering them from ``scores`` (whose random
+        reads miss the cache when the block is large).
 
     Returns:
       ``(values [R, k], positions [R, k] int32)``, ascending by value.
@@ -191,21 +200,26 @@ def _smallest_k(scores: jax.Array, k: int, group: int, levels: int) -> tuple[jax
         pyramid.append(_group_minima(pyramid[-1], group))
     values, ids = _k_best_columns(pyramid[-1].T, None, k)
     values, ids = values.T, ids.T  # [R, k]; id -1 marks a slot no finite entry filled
-    for finer in reversed(pyramid[:-1]):
+    for level in reversed(range(levels)):
+        finer = pyramid[level]
         width = finer.shape[1] // group
         missing = ids < 0
         ids = jnp.maximum(ids, 0)
-        # Member i of group j is column j + i·width; one gather per slab keeps each gather a
-        # plain element gather (a strided slice gather is far slower on CPU).
-        candidates = jnp.stack(
-            [
-                jnp.take_along_axis(finer[:, slab * width : (slab + 1) * width], ids, axis=1)
-                for slab in range(group)
-            ],
-            axis=-1,
-        )  # [R, k, S]
-        candidates = jnp.where(missing[:, :, None], jnp.inf, candidates)
         candidate_ids = ids[:, :, None] + width * jnp.arange(group, dtype=jnp.int32)
+        if level == 0 and rescore is not None:
+            candidates = rescore(candidate_ids.reshape(num_rows, k * group))
+            candidates = candidates.reshape(num_rows, k, group)
+        else:
+            # Member i of group j is column j + i·width; one gather per slab keeps each gather
+            # a plain element gather (a strided slice gather is far slower on CPU).
+            candidates = jnp.stack(
+                [
+                    jnp.take_along_axis(finer[:, slab * width : (slab + 1) * width], ids, 1)
+                    for slab in range(group)
+                ],
+                axis=-1,
+            )  # [R, k, S]
+        candidates = jnp.where(missing[:, :, None], jnp.inf, candidates)
         values, ids = _k_best_columns(
             candidates.reshape(num_rows, k * group).T,
             candidate_ids.reshape(num_rows, k * group).T,
@@ -247,7 +261,8 @@ def _search_rows(
         padding rows ``[0, BIG]``.
       k: neighbours per query.
       cols: classes per column block (a multiple of the selection's group unit).
-      select: ``select(scores [R, cols], k) -> (values [R, k], positions [R, k])``.
+      select: ``select(scores [R, cols], k, rescore) -> (values [R, k], positions [R, k])``;
+        ``rescore(columns [R, m])`` recomputes scores of chosen columns (one column block).
 
     Returns:
       int32 ``[R, k]``, ascending by distance.
@@ -255,13 +270,17 @@ def _search_rows(
     num_col_blocks = class_table.shape[0] // cols
     if num_col_blocks == 1:
         scores = jnp.dot(queries, class_table.T, precision=_HIGHEST)
-        return select(scores, k)[1]
+
+        def rescore(columns):
+            return jnp.sum(queries[:, None, :] * class_table[columns], axis=-1)
+
+        return select(scores, k, rescore)[1]
 
     def merge(best, block_index):
         start = block_index * cols
         block = lax.dynamic_slice_in_dim(class_table, start, cols)
         scores = jnp.dot(queries, block.T, precision=_HIGHEST)
-        values, positions = select(scores, k)
+        values, positions = select(scores, k, None)
         merged = _k_best_columns(
             jnp.concatenate([best[0], values.T], axis=0),
             jnp.concatenate([best[1], positions.T + start], axis=0),
@@ -355,10 +374,15 @@ def nearest_class_ids(
         group, levels = _selection_plan(max(cols, wanted), wanted)
         unit = group**levels
 
-        def select(scores, count):
-            return _smallest_k(scores, count, group, levels)
+        def select(scores, count, rescore):
+            return _smallest_k(scores, count, group, levels, rescore)
     else:
-        unit, select = 1, _top_k_smallest
+
+        def select(scores, count, rescore):
+            del rescore  # top_k reads the block once; nothing to recompute
+            return _top_k_smallest(scores, count)
+
+        unit = 1
     if cols == num_classes:  # one column block: pad the class axis to whole top-level groups
         cols = -(-num_classes // unit) * unit
     else:  # column blocks of whole top-level groups, within the budget
