@@ -18,9 +18,13 @@ Sections:
   ``max_eval_examples`` (0: all) and the ``synthetic`` source's ``image_size``,
   ``train_examples``, ``eval_examples``, ``seed``.
 * ``model``: ``backbone``, ``output_stride``, ``embedding_dim`` (D), ``separable``,
-  ``bn_momentum`` (flax decay), ``dtype``, ``pretrained`` (path of converted ImageNet weights).
+  ``bn_momentum`` (flax decay), ``dtype``, ``pretrained`` (path of converted ImageNet weights),
+  ``tiny_width`` (first-layer width of the ``tiny`` backbone; 8 is ``build_model``'s net,
+  other widths scale its backbone, ASPP and decoder together).
 * ``loss``: ``name`` (``softmax`` or ``ess``), ``num_neighbors`` (k), ``temperature``,
-  ``margin``, ``separation_weight``.
+  ``margin``, ``separation_weight``, ``max_block_bytes`` (memory budget of the nearest-class
+  searches: the largest queries×classes block; 8 MiB keeps the step's growth with C within
+  the class table's own size plus a few MB).
 * ``optim``: see :func:`jaxscaleseg.optim.make_optimizer`.
 """
 
@@ -89,6 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.bn_momentum = 0.99
     m.dtype = "float32"
     m.pretrained = ""
+    m.tiny_width = 8
 
     loss = c.loss = ml_collections.ConfigDict()
     loss.name = "ess"
@@ -96,8 +101,10 @@ def base_config() -> ml_collections.ConfigDict:
     loss.temperature = 20.0
     loss.margin = 0.2
     loss.separation_weight = 1.0
+    loss.max_block_bytes = 8 * 2**20
 
     o = c.optim = ml_collections.ConfigDict()
+    o.name = "sgd"
     o.base_lr = 0.01
     o.momentum = 0.9
     o.nesterov = False
@@ -125,6 +132,7 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 1
     config.progress_bar = False
     config.model.backbone = "tiny"
+    config.model.tiny_width = 8
     config.model.pretrained = ""
     config.dataset.crop_size = (64, 64)
     config.dataset.eval_crop_size = (64, 64)
@@ -201,6 +209,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     if m.embedding_dim < 1:
         raise ConfigError(f"model.embedding_dim must be >= 1, got {m.embedding_dim}")
+    if m.tiny_width < 1:
+        raise ConfigError(f"model.tiny_width must be >= 1, got {m.tiny_width}")
     if m.dtype not in DTYPES:
         raise ConfigError(f"model.dtype must be one of {DTYPES}, got {m.dtype!r}")
     if loss.name not in LOSSES:
@@ -210,8 +220,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"loss.num_neighbors must be in 1..num_classes-1={d.num_classes - 1}, "
             f"got {loss.num_neighbors}"
         )
+    if loss.max_block_bytes < 2**16:
+        raise ConfigError(f"loss.max_block_bytes must be >= 65536, got {loss.max_block_bytes}")
     if loss.temperature <= 0:
         raise ConfigError(f"loss.temperature must be > 0, got {loss.temperature}")
+    if o.name not in ("sgd", "adam"):
+        raise ConfigError(f"optim.name must be 'sgd' or 'adam', got {o.name!r}")
     if o.base_lr <= 0:
         raise ConfigError(f"optim.base_lr must be > 0, got {o.base_lr}")
     if len(o.poly_powers) != 3:

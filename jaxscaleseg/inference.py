@@ -42,10 +42,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax import lax
 
 from jaxscaleseg import knn
 from jaxscaleseg.data import augment, synthetic
-from jaxscaleseg.models import build_model, l2_normalize
+from jaxscaleseg.models import l2_normalize
 from jaxscaleseg.models.layers import resize_bilinear
 
 ApplyFn = Callable[[jax.Array], Mapping[str, jax.Array]]
@@ -204,17 +205,52 @@ def sliding_window_features(
     total = count = class_embedding = None
     for top in window_starts(height + pad_h, crop_h, int(stride[0])):
         for left in window_starts(width + pad_w, crop_w, int(stride[1])):
-            window = images[:, top : top + crop_h, left : left + crop_w]
+            window = _crop(images, top, left, crop_h, crop_w)
             features, class_embedding = whole_image_features(apply_fn, window)
             if total is None:
                 total = jnp.zeros((*images.shape[:3], features.shape[-1]), jnp.float32)
                 count = jnp.zeros((1, *images.shape[1:3], 1), jnp.float32)
-            total = total.at[:, top : top + crop_h, left : left + crop_w].add(features)
-            count = count.at[:, top : top + crop_h, left : left + crop_w].add(1.0)
+            total, count = _add_window(total, count, features, top, left)
+    return _finish_windows(
+        total, count, height, width, class_embedding is not None
+    ), class_embedding
+
+
+# Small jitted pieces: one compilation per shape instead of one per eager operation.
+@functools.partial(jax.jit, static_argnames=("height", "width"))
+def _crop(images: jax.Array, top, left, height: int, width: int) -> jax.Array:
+    return lax.dynamic_slice(images, (0, top, left, 0), (images.shape[0], height, width, 3))
+
+
+@jax.jit
+def _add_window(total, count, features, top, left):
+    shape = features.shape
+    start = (0, top, left, 0)
+    window = lax.dynamic_slice(total, start, shape) + features
+    ones = lax.dynamic_slice(count, start, (1, *shape[1:3], 1)) + 1.0
+    return lax.dynamic_update_slice(total, window, start), lax.dynamic_update_slice(
+        count, ones, start
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("height", "width", "embedding"))
+def _finish_windows(total, count, height: int, width: int, embedding: bool) -> jax.Array:
     total = total[:, :height, :width]
-    if class_embedding is not None:
-        return l2_normalize(total), class_embedding
-    return total / count[:, :height, :width], None
+    return l2_normalize(total) if embedding else total / count[:, :height, :width]
+
+
+@functools.partial(jax.jit, static_argnames=("height", "width", "flipped"))
+def _make_view(images: jax.Array, height: int, width: int, flipped: bool) -> jax.Array:
+    view = resize_bilinear(images, height, width)
+    return view[:, :, ::-1] if flipped else view
+
+
+@functools.partial(jax.jit, static_argnames=("height", "width", "flipped", "embedding"))
+def _restore_view(features, height: int, width: int, flipped: bool, embedding: bool):
+    if flipped:
+        features = features[:, :, ::-1]
+    features = resize_bilinear(features, height, width)
+    return l2_normalize(features) if embedding else features
 
 
 def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
@@ -254,20 +290,16 @@ def tta_features(
     views = 0
     for scale in scales:
         size = scaled_size((height, width), float(scale))
-        scaled = resize_bilinear(images, *size)
         for flipped in (False, True) if flip else (False,):
-            view = scaled[:, :, ::-1] if flipped else scaled
+            view = _make_view(images, *size, flipped)
             if crop_size is None:
                 features, class_embedding = whole_image_features(apply_fn, view)
             else:
                 features, class_embedding = sliding_window_features(
                     apply_fn, view, crop_size, stride
                 )
-            if flipped:
-                features = features[:, :, ::-1]
-            features = resize_bilinear(features, height, width)
-            if class_embedding is not None:
-                features = l2_normalize(features)
+            embedding = class_embedding is not None
+            features = _restore_view(features, height, width, flipped, embedding)
             total = features if total is None else total + features
             views += 1
     if class_embedding is not None:
@@ -311,9 +343,24 @@ def features_to_labels(
     Returns:
       int32 ``[...]``: the nearest class (Euclidean) or the argmax of the logits.
     """
+    lead_shape = features.shape[:-1]
+    flat = jnp.reshape(features, (-1, features.shape[-1]))
+    num = flat.shape[0]
+    # Pad the pixel count to a bucket: images of many sizes share a few compiled searches.
+    flat = jnp.pad(flat, ((0, _bucket(num) - num), (0, 0)))
     if class_embedding is None:
-        return _argmax(features)
-    return _assign(features, class_embedding, max_block_bytes)
+        ids = _argmax(flat)
+    else:
+        ids = _assign(flat, class_embedding, max_block_bytes)
+    return ids[:num].reshape(lead_shape)
+
+
+def _bucket(n: int) -> int:
+    """``n`` rounded up to a multiple of 1/8 of its power of two (at least 1024): < 12.5% more."""
+    if n <= 1024:
+        return 1024
+    step = 1 << (n.bit_length() - 4)
+    return -(-n // step) * step
 
 
 # --------------------------------------------------------------------------- loading
@@ -325,13 +372,14 @@ def model_spec(
     """The architecture of a run: ``model.json`` in ``workdir`` if present, else the config.
 
     Returns:
-      ``{"backbone", "head", "num_classes", "embedding_dim", "output_stride", "separable"}``.
+      ``{"backbone", "head", "num_classes", "embedding_dim", "output_stride", "separable"}``
+      (and ``tiny_width`` when the config has it), as :mod:`jaxscaleseg.training` records it.
     """
     if workdir is not None:
         path = Path(os.path.expanduser(str(workdir))) / "model.json"
         if path.exists():
             return json.loads(path.read_text())
-    return {
+    spec = {
         "backbone": config.model.backbone,
         "head": "softmax" if config.loss.name == "softmax" else "embedding",
         "num_classes": int(config.dataset.num_classes),
@@ -339,20 +387,27 @@ def model_spec(
         "output_stride": int(config.model.output_stride),
         "separable": bool(config.model.separable),
     }
+    if "tiny_width" in config.model:
+        spec["tiny_width"] = int(config.model.tiny_width)
+    return spec
 
 
-def model_from_spec(spec: Mapping[str, Any], config: ml_collections.ConfigDict) -> nn.Module:
-    """Builds the model of ``spec`` (see :func:`model_spec`) with the config's dtype."""
-    return build_model(
-        spec["backbone"],
-        head=spec["head"],
-        num_classes=int(spec["num_classes"]),
-        embedding_dim=int(spec["embedding_dim"]),
-        output_stride=int(spec["output_stride"]),
-        separable=bool(spec.get("separable", False)),
-        dtype=jnp.dtype(config.model.dtype),
-        bn_momentum=config.model.bn_momentum,
-    )
+def check_model_spec(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
+    """Refuses a workdir whose ``model.json`` describes another model than ``config``.
+
+    Raises:
+      ModelMismatchError: naming the differing fields.
+    """
+    stored, expected = model_spec(config, workdir), model_spec(config)
+    diffs = [
+        f"{k}: workdir {stored[k]!r} vs config {v!r}"
+        for k, v in expected.items()
+        if k in stored and stored[k] != v
+    ]
+    if diffs:
+        raise ModelMismatchError(
+            f"workdir {workdir} holds a different model than the config ({'; '.join(diffs)})"
+        )
 
 
 def _steps(directory: Path) -> list[int]:
@@ -536,28 +591,23 @@ class Predictor:
         """Loads a training workdir's checkpoint (see the module docstring for the layout).
 
         Args:
-          config: the run's config (architecture when the workdir has no ``model.json``,
-            dtype, dataset for class names and palette, optional ``inference`` section).
+          config: the run's config: the model is built from it (``training.make_model``) after
+            checking it against the workdir's ``model.json``; its dataset gives the class names
+            and palette, its optional ``inference`` section the default settings.
           workdir: the training workdir.
           checkpoint: ``"best"``, ``"latest"`` or a step.
           settings: inference settings; None: :meth:`InferenceSettings.from_config`.
 
         Raises:
           CheckpointNotFoundError: naming the workdir and the checkpoint looked for.
+          ModelMismatchError: the workdir's ``model.json`` differs from the config.
         """
         variables, step = load_variables(workdir, checkpoint)
-        spec, expected = model_spec(config, workdir), model_spec(config)
-        diffs = [
-            f"{k}: workdir {spec.get(k)!r} vs config {v!r}"
-            for k, v in expected.items()
-            if spec.get(k) != v
-        ]
-        if diffs:
-            raise ModelMismatchError(
-                f"workdir {workdir} holds a different model than the config ({'; '.join(diffs)})"
-            )
-        model = model_from_spec(spec, config)
-        names, palette = dataset_class_info(config, spec["num_classes"])
+        from jaxscaleseg import training  # noqa: PLC0415 (lazy: no import cycle if training uses us)
+
+        check_model_spec(config, workdir)
+        model = training.make_model(config)
+        names, palette = dataset_class_info(config, model.num_classes)
         return cls(
             model,
             variables,
@@ -622,7 +672,7 @@ __all__ = [
     "find_checkpoint",
     "infer_features",
     "load_variables",
-    "model_from_spec",
+    "check_model_spec",
     "model_spec",
     "scaled_size",
     "sliding_window_features",

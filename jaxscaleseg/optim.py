@@ -72,11 +72,17 @@ def schedules(config: ml_collections.ConfigDict, num_steps: int) -> dict[str, Ca
     }
 
 
-def _sgd(schedule: Callable, momentum: float, weight_decay: float, nesterov: bool):
+def _group_optimizer(config: ml_collections.ConfigDict, schedule: Callable, momentum: float):
+    """One group's update: weight decay added to the gradient, then SGD (or Adam)."""
     parts = []
-    if weight_decay:
-        parts.append(optax.add_decayed_weights(weight_decay))
-    parts.append(optax.sgd(schedule, momentum=momentum or None, nesterov=nesterov))
+    if config.weight_decay:
+        parts.append(optax.add_decayed_weights(config.weight_decay))
+    if config.name == "sgd":
+        parts.append(optax.sgd(schedule, momentum=momentum or None, nesterov=config.nesterov))
+    elif config.name == "adam":
+        parts.append(optax.adam(schedule, b1=momentum))
+    else:
+        raise ValueError(f"optim.name must be 'sgd' or 'adam', got {config.name!r}")
     return optax.chain(*parts)
 
 
@@ -86,7 +92,9 @@ def make_optimizer(
     """SGD + momentum + weight decay with per-group poly schedules.
 
     Args:
-      config: the ``optim`` section of a training config: ``base_lr``, ``momentum``,
+      config: the ``optim`` section of a training config: ``name`` (``"sgd"``, the paper's, or
+        ``"adam"`` with ``momentum`` as its ``b1``, for from-scratch demos), ``base_lr``,
+        ``momentum``,
         ``weight_decay``, ``nesterov``, ``backbone_lr_mult``, ``class_embedding_lr_mult``,
         ``poly_powers`` (three, in ``GROUPS`` order), ``end_lr``, ``freeze_backbone``,
         ``frozen_class_embedding_momentum`` and ``grad_clip_norm`` (0: none).
@@ -102,11 +110,9 @@ def make_optimizer(
     transforms = {
         "backbone": optax.set_to_zero()
         if config.freeze_backbone
-        else _sgd(sched["backbone"], config.momentum, config.weight_decay, config.nesterov),
-        "head": _sgd(sched["head"], config.momentum, config.weight_decay, config.nesterov),
-        "class_embedding": _sgd(
-            sched["class_embedding"], table_momentum, config.weight_decay, config.nesterov
-        ),
+        else _group_optimizer(config, sched["backbone"], config.momentum),
+        "head": _group_optimizer(config, sched["head"], config.momentum),
+        "class_embedding": _group_optimizer(config, sched["class_embedding"], table_momentum),
     }
     tx = optax.multi_transform(transforms, param_groups)
     if config.grad_clip_norm:

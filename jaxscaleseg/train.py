@@ -25,7 +25,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     try:
         flags.FLAGS(argv)
-    except flags.Error as e:
+    except (KeyError, AttributeError) as e:  # ml_collections: a field that does not exist
+        print(f"error: unknown config field {_one_line(e)}", file=sys.stderr)
+        return 1
+    except (flags.Error, ValueError, TypeError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
     if _WORKDIR.value is None or _CONFIG.value is None:
@@ -52,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
+    text = " ".join(str(error).split()).replace("\"'", "'").replace("'\"", "'")
     return text or type(error).__name__
 
 

@@ -39,6 +39,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from flax.training import train_state
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -47,10 +48,19 @@ from jaxscaleseg import config_schema, knn, losses, metrics, optim
 from jaxscaleseg.config_schema import ConfigError
 from jaxscaleseg.data import pipeline
 from jaxscaleseg.data.synthetic import SyntheticSegmentation
-from jaxscaleseg.models import build_model
+from jaxscaleseg.models import ATROUS_RATES, DeepLabV3Plus, TinyBackbone, build_model
 
 DATA_AXIS = "data"
-_META_KEYS = ("backbone", "head", "num_classes", "embedding_dim", "output_stride", "separable")
+_META_KEYS = (
+    "backbone",
+    "head",
+    "num_classes",
+    "embedding_dim",
+    "output_stride",
+    "separable",
+    "tiny_width",
+)
+_TINY_DEFAULT_WIDTH = 8  # the width build_model gives the tiny backbone
 
 
 class DatasetNotPreparedError(RuntimeError):
@@ -85,6 +95,8 @@ class LossSpec:
       temperature: T, logits are ``-T * distance``.
       margin: separation margin.
       separation_weight: weight of ``separation_loss``.
+      max_block_bytes: memory budget of the nearest-class searches (the largest
+        queries×classes block held at once).
     """
 
     name: str = "ess"
@@ -92,6 +104,7 @@ class LossSpec:
     temperature: float = 20.0
     margin: float = 0.2
     separation_weight: float = 1.0
+    max_block_bytes: int = 8 * 2**20
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> LossSpec:
@@ -102,6 +115,7 @@ class LossSpec:
             temperature=float(config.temperature),
             margin=float(config.margin),
             separation_weight=float(config.separation_weight),
+            max_block_bytes=int(config.max_block_bytes),
         )
 
 
@@ -128,8 +142,11 @@ def compute_loss(
         outputs["class_embedding"],
         num_neighbors=spec.num_neighbors,
         temperature=spec.temperature,
+        max_block_bytes=spec.max_block_bytes,
     )
-    sep = losses.separation_loss(outputs["class_embedding"], margin=spec.margin)
+    sep = losses.separation_loss(
+        outputs["class_embedding"], margin=spec.margin, max_block_bytes=spec.max_block_bytes
+    )
     return ess + spec.separation_weight * sep, {"ess": ess, "separation": sep}
 
 
@@ -227,12 +244,30 @@ def _model_meta(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "embedding_dim": int(config.model.embedding_dim),
         "output_stride": int(config.model.output_stride),
         "separable": bool(config.model.separable),
+        "tiny_width": int(config.model.tiny_width),
     }
 
 
 def make_model(config: ml_collections.ConfigDict):
     """The DeepLabV3+ model a config describes."""
     meta = _model_meta(config)
+    if meta["backbone"] == "tiny" and meta["tiny_width"] != _TINY_DEFAULT_WIDTH:
+        # build_model's tiny net at another width: backbone w/2w/4w, ASPP 2w, low-level w,
+        # decoder 2w (build_model's (16, 8, 16) at w = 8).
+        width, dtype = meta["tiny_width"], jnp.dtype(config.model.dtype)
+        kw = dict(bn_momentum=config.model.bn_momentum, dtype=dtype)
+        return DeepLabV3Plus(
+            backbone=TinyBackbone(output_stride=meta["output_stride"], width=width, **kw),
+            head=meta["head"],
+            num_classes=meta["num_classes"],
+            embedding_dim=meta["embedding_dim"],
+            atrous_rates=ATROUS_RATES[meta["output_stride"]],
+            aspp_features=2 * width,
+            low_level_features=width,
+            decoder_features=2 * width,
+            separable=meta["separable"],
+            **kw,
+        )
     return build_model(
         meta["backbone"],
         head=meta["head"],
@@ -333,6 +368,8 @@ def make_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
             + (f" --config {d.config}" if d.config else "")
             + f" --manual_dir ARCHIVES --data_dir {d.data_dir}"
         )
+        verbosity = absl_logging.get_verbosity()
+        absl_logging.set_verbosity(absl_logging.ERROR)  # tfds warns about missing folders
         try:
             builder = tfds.builder(full, data_dir=data_dir)
             prepared = builder.is_prepared()
@@ -340,6 +377,8 @@ def make_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
             raise DatasetNotPreparedError(
                 f"dataset {full} is not prepared in {d.data_dir} ({e}); run: {cmd}"
             ) from e
+        finally:
+            absl_logging.set_verbosity(verbosity)
         if not prepared:
             raise DatasetNotPreparedError(
                 f"dataset {full} is not prepared in {d.data_dir}; run: {cmd}"

@@ -1,0 +1,277 @@
+"""Scaling benchmark: the full DeepLabV3+ train step against the number of classes.
+
+    python -m benchmarks.scaling --preset cpu        # MobileNetV2, batch 2, 256×256 (this machine)
+    python -m benchmarks.scaling --preset gpu        # ResNet-101 OS 16, batch 8, 512×512, f32+bf16
+
+For C in {19, 150, 1 284, 10 000, 100 000} and both heads (the softmax baseline and ESS) it
+compiles ``training.train_step`` (model + loss + optimiser update) and reports
+
+* compiled peak memory per step: arguments + outputs + temporaries from ``memory_analysis()``
+  (the state is donated, so it is counted once);
+* median step time over warm runs and images per second, where the step fits: a setting whose
+  compiled size exceeds the device's memory is marked "does not fit" instead of crashing;
+* on a GPU, the peak the device itself reports (``memory_stats()['peak_bytes_in_use']``).
+
+It writes ``benchmarks/results/scaling_<preset>.csv`` and ``.md`` and a PNG plot (memory and
+time against C, log-scaled, both heads) ``benchmarks/results/scaling_<preset>.png``.
+``--classes``, ``--backbone``, ``--size``, ``--batch`` and ``--dtypes`` override a preset
+(the tests run the ``gpu`` preset on CPU with a tiny override).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import functools
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxscaleseg import config_schema, optim, training
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """One benchmark setting."""
+
+    backbone: str
+    output_stride: int
+    batch: int
+    size: int
+    dtypes: tuple[str, ...]
+    class_counts: tuple[int, ...] = (19, 150, 1284, 10_000, 100_000)
+    embedding_dim: int = 12
+    repeats: int = 3
+
+
+PRESETS = {
+    "cpu": Preset("mobilenet_v2", 16, 2, 256, ("float32",)),
+    "gpu": Preset("resnet101", 16, 8, 512, ("float32", "bfloat16")),
+}
+
+
+def make_config(preset: Preset, num_classes: int, head: str, dtype: str):
+    """A training config for one benchmark cell."""
+    config = config_schema.base_config()
+    config.batch_size = preset.batch
+    config.num_train_steps = 1000
+    config.dataset.num_classes = num_classes
+    config.dataset.crop_size = (preset.size, preset.size)
+    config.model.backbone = preset.backbone
+    config.model.output_stride = preset.output_stride
+    config.model.embedding_dim = preset.embedding_dim
+    config.model.dtype = dtype
+    config.loss.name = "softmax" if head == "softmax" else "ess"
+    return config
+
+
+def device_memory_bytes() -> int:
+    """Memory of the benchmark device (host RAM on CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def random_variables(shapes) -> dict:
+    """Variables of the given shapes filled with small random values (no init to compile).
+
+    Timing does not depend on the values; BatchNorm variances are set to 1.
+    """
+    rng = np.random.default_rng(0)
+
+    def fill(path, leaf):
+        if any(getattr(k, "key", None) == "var" for k in path):
+            return jnp.ones(leaf.shape, leaf.dtype)
+        return jnp.asarray(0.05 * rng.standard_normal(leaf.shape), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def measure(preset: Preset, num_classes: int, head: str, dtype: str) -> dict:
+    """Compiled memory and (where it fits) step time of one (C, head, dtype) cell."""
+    config = make_config(preset, num_classes, head, dtype)
+    spec = training.LossSpec.from_config(config.loss)
+    image_shape = (preset.batch, preset.size, preset.size, 3)
+    model = training.make_model(config)
+    tx = optim.make_optimizer(config.optim, config.num_train_steps)
+
+    def new_state(variables):
+        return training.TrainState.create(
+            apply_fn=model.apply,
+            params=variables["params"],
+            tx=tx,
+            batch_stats=variables.get("batch_stats", {}),
+        )
+
+    def init(key):
+        return model.init({"params": key}, jnp.zeros(image_shape, jnp.float32), train=False)
+
+    # The same model and optimiser objects for the abstract and the real state, so the
+    # compiled step accepts the real one.
+    abstract_state = jax.eval_shape(lambda: new_state(init(jax.random.key(0))))
+    batch_shapes = {
+        "image": jax.ShapeDtypeStruct(image_shape, jnp.float32),
+        "label": jax.ShapeDtypeStruct(image_shape[:3], jnp.int32),
+    }
+    step = jax.jit(functools.partial(training.train_step, spec=spec), donate_argnums=0)
+    key = jax.random.key(0)
+    compiled = step.lower(abstract_state, batch_shapes, key).compile()
+    memory = compiled.memory_analysis()
+    peak = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        + memory.temp_size_in_bytes
+        - memory.alias_size_in_bytes
+    )
+    row = {
+        "C": num_classes,
+        "head": "softmax" if head == "softmax" else "ess",
+        "dtype": dtype,
+        "compiled_peak_mb": peak / 2**20,
+        "temp_mb": memory.temp_size_in_bytes / 2**20,
+        "fits": peak < 0.9 * device_memory_bytes(),
+    }
+    if not row["fits"]:
+        return row
+    state = new_state(random_variables(jax.eval_shape(init, key)))
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": jnp.asarray(rng.normal(size=image_shape).astype(np.float32)),
+        "label": jnp.asarray(rng.integers(-1, num_classes, image_shape[:3]).astype(np.int32)),
+    }
+    state, _ = compiled(state, batch, key)  # warm-up
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(preset.repeats):
+        start = time.perf_counter()
+        state, out = compiled(state, batch, key)
+        jax.block_until_ready(out["loss"])
+        times.append(time.perf_counter() - start)
+    row["step_seconds"] = statistics.median(times)
+    row["images_per_second"] = preset.batch / row["step_seconds"]
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        row["device_peak_mb"] = stats["peak_bytes_in_use"] / 2**20
+    return row
+
+
+def markdown(rows: list[dict]) -> str:
+    """The results as a Markdown table."""
+    lines = [
+        "| C | head | dtype | compiled peak | step time | images/s | device peak |",
+        "|---:|---|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        if row["fits"]:
+            time_cell = f"{row['step_seconds']:.3f} s"
+            rate = f"{row['images_per_second']:.2f}"
+        else:
+            time_cell, rate = "does not fit", "—"
+        device = f"{row['device_peak_mb']:,.0f} MB" if "device_peak_mb" in row else "—"
+        lines.append(
+            f"| {row['C']:,} | {row['head']} | {row['dtype']} | "
+            f"{row['compiled_peak_mb']:,.1f} MB | {time_cell} | {rate} | {device} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Memory and step time against C (log scale), one line per head and dtype."""
+    import matplotlib  # noqa: PLC0415 (optional dependency, only for the picture)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    figure, (memory_axis, time_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in sorted({(r["head"], r["dtype"]) for r in rows}):
+        cell = [r for r in rows if (r["head"], r["dtype"]) == key]
+        label = f"{key[0]} ({key[1]})"
+        memory_axis.plot(
+            [r["C"] for r in cell], [r["compiled_peak_mb"] for r in cell], "o-", label=label
+        )
+        timed = [r for r in cell if r["fits"]]
+        time_axis.plot(
+            [r["C"] for r in timed], [r["step_seconds"] for r in timed], "o-", label=label
+        )
+    for axis, title in ((memory_axis, "compiled peak memory (MB)"), (time_axis, "step time (s)")):
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel("number of classes C")
+        axis.set_title(title)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def describe(preset: Preset) -> str:
+    return (
+        f"DeepLabV3+ {preset.backbone} OS {preset.output_stride}, batch {preset.batch}, "
+        f"{preset.size}×{preset.size}, D = {preset.embedding_dim}, full train step (model + loss "
+        f"+ SGD update); jax {jax.__version__} on {jax.devices()[0].device_kind}, "
+        f"{os.cpu_count()} CPUs, {platform.machine()}"
+    )
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--classes", type=int, nargs="*")
+    parser.add_argument("--backbone")
+    parser.add_argument("--size", type=int)
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--repeats", type=int)
+    parser.add_argument("--dtypes", nargs="*", choices=("float32", "bfloat16"))
+    parser.add_argument("--output_dir", default=str(RESULTS))
+    parser.add_argument("--no_plot", action="store_true")
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+    overrides = {
+        "class_counts": tuple(args.classes) if args.classes else None,
+        "backbone": args.backbone,
+        "size": args.size,
+        "batch": args.batch,
+        "repeats": args.repeats,
+        "dtypes": tuple(args.dtypes) if args.dtypes else None,
+    }
+    preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v})
+    print(describe(preset), flush=True)
+    rows = []
+    for num_classes in preset.class_counts:
+        for head in ("softmax", "ess"):
+            for dtype in preset.dtypes:
+                start = time.perf_counter()
+                rows.append(measure(preset, num_classes, head, dtype))
+                print(
+                    f"  C = {num_classes:,} {head} {dtype}: {time.perf_counter() - start:.0f} s",
+                    flush=True,
+                )
+    table = markdown(rows)
+    print()
+    print(table)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"scaling_{args.preset}"
+    with open(f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+        writer.writeheader()
+        writer.writerows(rows)
+    Path(f"{stem}.md").write_text(describe(preset) + "\n\n" + table + "\n")
+    if not args.no_plot:
+        plot(rows, Path(f"{stem}.png"))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""``jaxscaleseg.predict``, pictures (``visualize``), checkpoint loading and the curve plot."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
+
+from jaxscaleseg import config_schema, evaluate, inference, predict, training, visualize
+
+REPO = Path(__file__).resolve().parent.parent
+NUM_CLASSES = 30
+CONFIG_FILE = """
+from jaxscaleseg import config_schema
+
+
+def get_config():
+    c = config_schema.smoke(config_schema.base_config())
+    c.dataset.name = "synthetic"
+    c.dataset.num_classes = {num_classes}
+    c.dataset.synthetic.image_size = (24, 20)
+    c.dataset.synthetic.eval_examples = 3
+    c.loss.num_neighbors = 5
+    return c
+"""
+
+
+def _config():
+    c = config_schema.smoke(config_schema.base_config())
+    c.dataset.name = "synthetic"
+    c.dataset.num_classes = NUM_CLASSES
+    c.dataset.synthetic.image_size = (24, 20)
+    c.dataset.synthetic.eval_examples = 3
+    c.loss.num_neighbors = 5
+    return c
+
+
+def _random_variables(model):
+    """Variables of the right shapes without ``model.init`` (whose compile is slow on CPU)."""
+    shapes = jax.eval_shape(model.init, {"params": jax.random.key(0)}, jnp.zeros((1, 32, 32, 3)))
+    rng = np.random.default_rng(0)
+
+    def draw(path, s):
+        if "var" in jax.tree_util.keystr(path):
+            return (1.0 + np.abs(rng.normal(size=s.shape))).astype(s.dtype)
+        return (0.3 * rng.normal(size=s.shape)).astype(s.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A workdir in the training module's layout: checkpoints/<step>/state, best/<step>/state,
+    model.json, config file (the state tree: step, params, batch_stats, opt_state)."""
+    root = tmp_path_factory.mktemp("run")
+    config = _config()
+    spec = inference.model_spec(config)
+    model = training.make_model(config)
+    variables = _random_variables(model)
+    state = {
+        "step": np.int32(3),
+        "params": variables["params"],
+        "batch_stats": variables["batch_stats"],
+        "opt_state": {"momentum": jax.tree.map(np.zeros_like, variables["params"])},
+    }
+    for name in ("checkpoints", "best"):
+        with ocp.CheckpointManager(
+            (root / name).absolute(),
+            item_names=("state",),
+            options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
+        ) as manager:
+            manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+    (root / "model.json").write_text(json.dumps(spec))
+    (root / "config.py").write_text(CONFIG_FILE.format(num_classes=NUM_CLASSES))
+    return root
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A real photograph plus RGBA, grey, 16-bit grey, palette and broken files."""
+    import matplotlib.cbook  # noqa: PLC0415 (the photograph ships with matplotlib)
+
+    folder = tmp_path_factory.mktemp("images")
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+        photo = Image.open(f)
+        photo.load()
+    photo = photo.resize((photo.width // 8, photo.height // 8))  # 64 x 75: keeps tests fast
+    photo.save(folder / "grace_hopper.jpg")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (21, 17, 4), dtype=np.uint8)).save(folder / "rgba.png")
+    Image.fromarray(rng.integers(0, 256, (13, 19), dtype=np.uint8)).save(folder / "grey.png")
+    (folder / "broken.jpg").write_bytes(b"this is not a jpeg")
+    return folder
+
+
+def _run(args, capsys):
+    status = predict.main(["predict", *map(str, args)])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.mark.slow
+def test_predict_writes_four_pictures_per_image_and_names_the_unreadable_one(
+    workdir, inputs, tmp_path, capsys
+):
+    output = tmp_path / "out"
+    args = ["--config", workdir / "config.py", "--workdir", workdir, "--output", output]
+    status, out, err = _run([*args, "--legend", inputs], capsys)
+    assert status == 1  # broken.jpg
+    assert f"cannot read image {inputs / 'broken.jpg'}" in err
+    assert len(err.strip().splitlines()) == 1
+    for stem in ("grace_hopper", "rgba", "grey"):
+        size = Image.open(inputs / f"{stem}.{'jpg' if stem == 'grace_hopper' else 'png'}").size
+        for kind in ("labels", "color", "overlay", "legend"):
+            with Image.open(output / f"{stem}_{kind}.png") as picture:
+                picture.load()
+                if kind != "legend":
+                    assert picture.size == size, (stem, kind)
+        labels = np.asarray(Image.open(output / f"{stem}_labels.png"))
+        assert labels.dtype == np.uint8 and labels.max() < NUM_CLASSES
+        color = np.asarray(Image.open(output / f"{stem}_color.png"))
+        np.testing.assert_array_equal(color, visualize.colorize(labels, _palette()))
+    assert "grace_hopper" in out
+
+    # The same image alone: exit 0; a step number selects that checkpoint.
+    status, _, err = _run(
+        [*args, "--checkpoint", "3", "--flip", inputs / "grace_hopper.jpg"], capsys
+    )
+    assert status == 0, err
+
+
+def _palette():
+    return inference.dataset_class_info(_config())[1]
+
+
+def test_missing_checkpoint_is_one_line_naming_the_workdir(tmp_path, inputs, capsys):
+    config = tmp_path / "config.py"
+    config.write_text(CONFIG_FILE.format(num_classes=NUM_CLASSES))
+    empty = tmp_path / "empty"
+    status, _, err = _run(
+        ["--config", config, "--workdir", empty, "--output", tmp_path / "o", inputs], capsys
+    )
+    assert status == 1
+    assert err.count("\n") == 1 and str(empty) in err and "best" in err
+    with pytest.raises(inference.CheckpointNotFoundError, match="step 9"):
+        inference.find_checkpoint(empty, 9)
+
+
+def test_predictor_from_workdir_and_evaluate_run(workdir, capsys):
+    config = _config()
+    predictor = inference.Predictor.from_workdir(config, workdir, "latest")
+    assert predictor.step == 3 and predictor.num_classes == NUM_CLASSES
+    assert predictor.class_names[0] == "class_00000"
+    result = evaluate.run(config, workdir, checkpoint="latest", print_classes=4)
+    assert result["images"] == 3 and result["labelled_pixels"] > 0
+    assert (workdir / "eval_validation_latest.json").exists()
+    assert (workdir / "eval_validation_latest.csv").exists()
+    assert "mIoU" in capsys.readouterr().out
+
+    other = _config()
+    other.dataset.num_classes = 31
+    with pytest.raises(inference.ModelMismatchError, match="num_classes"):
+        inference.Predictor.from_workdir(other, workdir)
+
+
+def test_read_image_converts_alpha_grey_palette_and_16_bit(tmp_path):
+    rgba = np.zeros((2, 3, 4), np.uint8)
+    rgba[..., :3] = 200
+    rgba[0, 0, 3] = 255  # opaque
+    rgba[0, 1, 3] = 0  # transparent -> black
+    rgba[0, 2, 3] = 128
+    Image.fromarray(rgba).save(tmp_path / "a.png")
+    out = predict.read_image(tmp_path / "a.png")
+    assert out.shape == (2, 3, 3) and out.dtype == np.uint8
+    assert tuple(out[0, 0]) == (200, 200, 200) and tuple(out[0, 1]) == (0, 0, 0)
+    assert 95 <= out[0, 2, 0] <= 105
+
+    grey = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    Image.fromarray(grey).save(tmp_path / "g.png")
+    np.testing.assert_array_equal(
+        predict.read_image(tmp_path / "g.png"), np.repeat(grey[..., None], 3, axis=-1)
+    )
+
+    deep = (np.arange(12, dtype=np.uint16) * 5000).reshape(3, 4)
+    Image.fromarray(deep).save(tmp_path / "d.png")
+    image = predict.read_image(tmp_path / "d.png")
+    assert image.shape == (3, 4, 3) and image.max() == 255
+
+    palette_image = Image.fromarray(grey).convert("P")
+    palette_image.save(tmp_path / "p.png")
+    assert predict.read_image(tmp_path / "p.png").shape == (3, 4, 3)
+
+    with pytest.raises(OSError):
+        predict.read_image(tmp_path / "missing.png")
+
+
+def test_label_png_is_16_bit_beyond_256_classes(tmp_path):
+    labels = np.asarray([[0, 255], [256, 4999]])
+    array = visualize.label_png_array(labels, 5000)
+    assert array.dtype == np.uint16
+    visualize.save_png(array, tmp_path / "l.png")
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "l.png")), labels)
+    assert visualize.label_png_array(labels[:1], 256).dtype == np.uint8
+
+
+def test_colorize_overlay_legend():
+    palette = np.asarray([[255, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint8)
+    labels = np.asarray([[0, 1, 1, -1], [2, 2, 2, 2]])
+    color = visualize.colorize(labels, palette)
+    assert tuple(color[0, 1]) == (0, 255, 0) and tuple(color[0, 3]) == (0, 0, 0)
+    image = np.full((2, 4, 3), 100, np.uint8)
+    blended = visualize.overlay(image, color, alpha=0.5)
+    assert tuple(blended[0, 0]) == (178, 50, 50)
+    assert visualize.class_shares(labels, 3) == [(2, 0.5), (1, 0.25), (0, 0.125)]
+    legend = visualize.legend_image(labels, ["red", "green", "blue"], palette)
+    assert legend.ndim == 3 and legend.shape[2] == 3 and legend.dtype == np.uint8
+    # Each present class's colour appears in its swatch.
+    for rgb in palette:
+        assert (legend == rgb).all(-1).any()
+
+
+def test_plot_metrics_script_writes_png(tmp_path):
+    records = [
+        {"step": 1, "train_loss": 3.0, "lr_head": 0.01, "lr_backbone": 0.001},
+        {"step": 2, "train_loss": 2.5, "lr_head": 0.009, "lr_backbone": 0.0009},
+        {"step": 2, "eval_mIoU": 0.1, "eval_mAcc": 0.2, "eval_aAcc": 0.5},
+    ]
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in records) + '{"step": 3, "train_lo'
+    )
+    spec = importlib.util.spec_from_file_location(
+        "plot_metrics", REPO / "benchmarks/plot_metrics.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--workdir", str(tmp_path)]) == 0
+    with Image.open(tmp_path / "training_curves.png") as picture:
+        assert picture.size[0] > 100
+    assert module.main(["--workdir", str(tmp_path / "none")]) == 1
