@@ -11,8 +11,9 @@ runs, beside
 * the softmax baseline: ``softmax_cross_entropy`` on given ``[N, C]`` logits with its gradient,
   measured where its arguments and temporaries fit in half this machine's memory, otherwise
   reported as "n/a — would need X GB" from the compiled size;
-* a straightforward ESS search (at the preset's ``compare_counts``): row-chunked distances and ``lax.top_k`` over each
-  chunk's whole class axis, the same loss otherwise, to show what the pruned search buys.
+* a straightforward ESS search (at the preset's ``compare_counts``): row-chunked distances and
+  ``lax.top_k`` over each chunk's whole class axis, the same loss otherwise, to show what the
+  pruned search buys.
 """
 
 from __future__ import annotations
