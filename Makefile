@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint demo clean
+.PHONY: venv test lint demo clean clean-demo
 
 venv: $(STAMP)
 
@@ -21,8 +21,13 @@ lint: venv
 test: lint
 	$(BIN)/python -m pytest
 
+# Trains ESS on the built-in 1284-class synthetic set (configs/synthetic.py) and prints the
+# validation mIoU. A rerun resumes from workdirs/demo; `make clean-demo` starts over.
 demo: venv
-	$(BIN)/python -m benchmarks.loss_scaling --preset demo
+	$(BIN)/python -m jaxscaleseg.train --config configs/synthetic.py --workdir workdirs/demo
+
+clean-demo:
+	rm -rf workdirs/demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -108,11 +108,10 @@ def straightforward_objective(pixels, labels, classes, *, k, temperature=20.0, m
     return ess + separation
 
 
-def ess_objective(pixels, labels, classes, *, k):
+def ess_objective(pixels, labels, classes, *, k, max_block_bytes=knn.DEFAULT_MAX_BLOCK_BYTES):
     """``ess_loss + separation_loss`` as the library computes it."""
-    return losses.ess_loss(pixels, labels, classes, num_neighbors=k) + losses.separation_loss(
-        classes
-    )
+    ess = losses.ess_loss(pixels, labels, classes, num_neighbors=k, max_block_bytes=max_block_bytes)
+    return ess + losses.separation_loss(classes, max_block_bytes=max_block_bytes)
 
 
 def random_inputs(preset: Preset, num_classes: int, seed: int = 0):
@@ -159,13 +158,22 @@ def available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def measure(preset: Preset, num_classes: int, *, compare: bool) -> dict:
+def measure(
+    preset: Preset,
+    num_classes: int,
+    *,
+    compare: bool,
+    max_block_bytes: int = knn.DEFAULT_MAX_BLOCK_BYTES,
+) -> dict:
     """One table row: ESS (and optionally the straightforward search) and softmax at C."""
     pixels, labels, classes = random_inputs(preset, num_classes)
     row = {"C": num_classes}
     ess = jax.jit(
         jax.value_and_grad(
-            lambda p, y, e: ess_objective(p, y, e, k=preset.num_neighbors), argnums=(0, 2)
+            lambda p, y, e: ess_objective(
+                p, y, e, k=preset.num_neighbors, max_block_bytes=max_block_bytes
+            ),
+            argnums=(0, 2),
         )
     )
     compiled = ess.lower(pixels, labels, classes).compile()
@@ -240,14 +248,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
     parser.add_argument("--classes", type=int, nargs="*", help="override the preset's class counts")
+    parser.add_argument(
+        "--max_block_mb",
+        type=float,
+        default=knn.DEFAULT_MAX_BLOCK_BYTES / 2**20,
+        help="block budget of the ESS search (MiB)",
+    )
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
+    block = int(args.max_block_mb * 2**20)
     counts = tuple(args.classes) if args.classes else preset.class_counts
     print(describe(preset), flush=True)
     rows = []
     for num_classes in counts:
         start = time.perf_counter()
-        rows.append(measure(preset, num_classes, compare=num_classes in preset.compare_counts))
+        compare = num_classes in preset.compare_counts
+        rows.append(measure(preset, num_classes, compare=compare, max_block_bytes=block))
         print(f"  C = {num_classes:,} done in {time.perf_counter() - start:.0f} s", flush=True)
     print()
     print(format_table(preset, rows))
