@@ -13,7 +13,8 @@ runs, beside
   reported as "n/a — would need X GB" from the compiled size;
 * a straightforward ESS search (at the preset's ``compare_counts``): row-chunked distances and
   ``lax.top_k`` over each chunk's whole class axis, the same loss otherwise, to show what the
-  pruned search buys.
+  pruned search buys. The two are timed in turn, run after run, so that a drifting load on a
+  shared CPU hits both alike.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class Preset:
 
 
 PRESETS = {
-    "full": Preset(2, 256, 256, 16, 7, (19, 150, 1284, 10_000, 100_000), (1284, 10_000), 3),
+    "full": Preset(2, 256, 256, 16, 7, (19, 150, 1284, 10_000, 100_000), (1284, 10_000), 5),
     "speed": Preset(2, 256, 256, 12, 7, (1284, 10_000), (1284, 10_000), 3),
     "demo": Preset(1, 128, 128, 16, 7, (19, 150, 1284, 10_000), (1284,), 3),
 }
@@ -150,6 +151,23 @@ def median_seconds(fn: Callable, args, repeats: int) -> float:
     return statistics.median(times)
 
 
+def interleaved_median_seconds(fns: dict[str, Callable], args, repeats: int) -> dict[str, float]:
+    """Median wall times of several functions timed in turn, run after run.
+
+    On a shared CPU the load drifts; alternating the functions exposes them to the same
+    drift, so their ratio is steadier than that of medians taken one function after another.
+    """
+    for fn in fns.values():
+        jax.block_until_ready(fn(*args))
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def available_bytes() -> int:
     """Memory of the device the benchmark runs on (host RAM on CPU)."""
     stats = jax.devices()[0].memory_stats() or {}
@@ -178,7 +196,6 @@ def measure(
     )
     compiled = ess.lower(pixels, labels, classes).compile()
     row["ess_temp"], row["ess_total"] = compiled_bytes(compiled)
-    row["ess_seconds"] = median_seconds(compiled, (pixels, labels, classes), preset.repeats)
     if compare:
         plain = jax.jit(
             jax.value_and_grad(
@@ -187,12 +204,15 @@ def measure(
             )
         )
         compiled_plain = plain.lower(pixels, labels, classes).compile()
-        row["plain_seconds"] = median_seconds(
-            compiled_plain, (pixels, labels, classes), preset.repeats
+        seconds = interleaved_median_seconds(
+            {"ess": compiled, "plain": compiled_plain}, (pixels, labels, classes), preset.repeats
         )
+        row["ess_seconds"], row["plain_seconds"] = seconds["ess"], seconds["plain"]
         value, _ = compiled(pixels, labels, classes)
         plain_value, _ = compiled_plain(pixels, labels, classes)
         row["agree"] = bool(np.isclose(float(value), float(plain_value), rtol=1e-5))
+    else:
+        row["ess_seconds"] = median_seconds(compiled, (pixels, labels, classes), preset.repeats)
     num_pixels = preset.batch * preset.height * preset.width
     logits_shape = jax.ShapeDtypeStruct((num_pixels, num_classes), jnp.float32)
     label_shape = jax.ShapeDtypeStruct((num_pixels,), jnp.int32)
@@ -239,7 +259,8 @@ def describe(preset: Preset) -> str:
     return (
         f"N = {preset.batch}×{preset.height}×{preset.width} pixels, D = {preset.dim}, "
         f"k = {preset.num_neighbors}, `value_and_grad(ess_loss + separation_loss)`; "
-        f"median of {preset.repeats} warm runs; jax {jax.__version__} on {jax.devices()[0]}, "
+        f"median of {preset.repeats} warm runs (ESS and the straightforward search run in turn); "
+        f"jax {jax.__version__} on {jax.devices()[0]}, "
         f"{os.cpu_count()} CPUs, {platform.machine()}"
     )
 

@@ -215,6 +215,15 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+def write_tables(rows: list[dict], stem: Path, description: str) -> None:
+    """Writes ``<stem>.csv`` and ``<stem>.md`` (the description, then the table)."""
+    with open(f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+        writer.writeheader()
+        writer.writerows(rows)
+    Path(f"{stem}.md").write_text(description + "\n\n" + markdown(rows) + "\n")
+
+
 def describe(preset: Preset) -> str:
     return (
         f"DeepLabV3+ {preset.backbone} OS {preset.output_stride}, batch {preset.batch}, "
@@ -247,6 +256,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     }
     preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v})
     print(describe(preset), flush=True)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"scaling_{args.preset}"
     rows = []
     for num_classes in preset.class_counts:
         for head in ("softmax", "ess"):
@@ -257,17 +269,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     f"  C = {num_classes:,} {head} {dtype}: {time.perf_counter() - start:.0f} s",
                     flush=True,
                 )
-    table = markdown(rows)
+                write_tables(rows, stem, describe(preset))  # a cut-short run keeps its cells
     print()
-    print(table)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"scaling_{args.preset}"
-    with open(f"{stem}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
-        writer.writeheader()
-        writer.writerows(rows)
-    Path(f"{stem}.md").write_text(describe(preset) + "\n\n" + table + "\n")
+    print(markdown(rows))
     if not args.no_plot:
         plot(rows, Path(f"{stem}.png"))
     return rows

@@ -20,7 +20,12 @@ Sections:
 * ``model``: ``backbone``, ``output_stride``, ``embedding_dim`` (D), ``separable``,
   ``bn_momentum`` (flax decay), ``dtype``, ``pretrained`` (path of converted ImageNet weights),
   ``tiny_width`` (first-layer width of the ``tiny`` backbone; 8 is ``build_model``'s net,
-  other widths scale its backbone, ASPP and decoder together).
+  other widths scale its backbone, ASPP and decoder together), ``center_embedding``
+  (standardise the embedding channels over the batch before the L2 normalisation; off in the
+  paper, on for the from-scratch synthetic demo), ``class_embedding_init`` (``uniform``: the
+  paper's uniform [-1, 1] rows; ``imprint``: before the first step, each class row points at
+  the mean pixel embedding of that class in ``imprint_batches`` training batches under the
+  freshly initialised network; classes not seen keep their uniform rows).
 * ``loss``: ``name`` (``softmax`` or ``ess``), ``num_neighbors`` (k), ``temperature``,
   ``margin``, ``separation_weight``, ``max_block_bytes`` (memory budget of the nearest-class
   searches: the largest queries×classes block; 8 MiB keeps the step's growth with C within
@@ -39,6 +44,7 @@ from jaxscaleseg.models import BACKBONES, OUTPUT_STRIDES
 
 LOSSES = ("softmax", "ess")
 DTYPES = ("float32", "bfloat16")
+CLASS_EMBEDDING_INITS = ("uniform", "imprint")
 
 
 class ConfigError(ValueError):
@@ -94,6 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.dtype = "float32"
     m.pretrained = ""
     m.tiny_width = 8
+    m.center_embedding = False
+    m.class_embedding_init = "uniform"
+    m.imprint_batches = 25
 
     loss = c.loss = ml_collections.ConfigDict()
     loss.name = "ess"
@@ -134,6 +143,7 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.model.backbone = "tiny"
     config.model.tiny_width = 8
     config.model.pretrained = ""
+    config.model.imprint_batches = min(config.model.imprint_batches, 2)
     config.dataset.crop_size = (64, 64)
     config.dataset.eval_crop_size = (64, 64)
     config.dataset.eval_pad_to = ()
@@ -211,6 +221,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"model.embedding_dim must be >= 1, got {m.embedding_dim}")
     if m.tiny_width < 1:
         raise ConfigError(f"model.tiny_width must be >= 1, got {m.tiny_width}")
+    if m.class_embedding_init not in CLASS_EMBEDDING_INITS:
+        raise ConfigError(
+            f"model.class_embedding_init must be one of {CLASS_EMBEDDING_INITS}, "
+            f"got {m.class_embedding_init!r}"
+        )
+    if m.imprint_batches < 1:
+        raise ConfigError(f"model.imprint_batches must be >= 1, got {m.imprint_batches}")
     if m.dtype not in DTYPES:
         raise ConfigError(f"model.dtype must be one of {DTYPES}, got {m.dtype!r}")
     if loss.name not in LOSSES:

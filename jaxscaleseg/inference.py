@@ -389,6 +389,8 @@ def model_spec(
     }
     if "tiny_width" in config.model:
         spec["tiny_width"] = int(config.model.tiny_width)
+    if "center_embedding" in config.model:
+        spec["center_embedding"] = bool(config.model.center_embedding)
     return spec
 
 

@@ -15,6 +15,11 @@ least k elements no larger than its own minimum — and the exact top-k runs ove
 only. The distances returned are recomputed as ``‖q − e‖`` from the chosen rows, so they are
 accurate even where the expansion above cancels.
 
+On CPU (``method="pyramid"``) every such selection is one XLA reduction whose reducer merges
+ascending k-lists: XLA:CPU compiles it into a single loop per row that keeps the k-list in
+registers, so a selection costs one pass over its candidates instead of a loop of small array
+operations, and the blocks are kept small enough to stay in the CPU's cache.
+
 No gradient flows through the search: it returns integer ids and distances computed under
 ``stop_gradient``; losses recompute the distances they differentiate.
 """
@@ -33,6 +38,12 @@ _MIN_ROWS_PER_BLOCK = 32
 # Each block element is a float32 score, and XLA may hold it and one masked copy at once.
 _BYTES_PER_BLOCK_ELEMENT = 8
 _HIGHEST = lax.Precision.HIGHEST
+# The pyramid selection (CPU) works on blocks of at most this many bytes, whatever the budget:
+# a block that stays in the cache between the matmul and the passes that read it is faster.
+_SELECTION_BLOCK_BYTES = 2 * 2**20
+# Largest k the reduction-based selection takes (its reducer grows as k²); beyond it the
+# pyramid method selects with lax.top_k.
+_MAX_REDUCE_K = 16
 # Ranking score of padding classes: above any real score (scores are at most ‖e‖² + 2‖q‖‖e‖).
 _PAD_SCORE = 1e30
 
@@ -63,21 +74,39 @@ def block_shape(
     return rows, min(cols, num_classes)
 
 
+def _selection_block_shape(
+    num_queries: int, num_classes: int, max_block_bytes: int
+) -> tuple[int, int]:
+    """Block shape for the pyramid selection: about cache-sized, within the budget.
+
+    Rows of all C classes, as few as fill ``_SELECTION_BLOCK_BYTES`` but at least
+    ``_MIN_ROWS_PER_BLOCK``, when the budget allows them; otherwise the budget's own shape
+    (column blocks).
+    """
+    rows = min(
+        num_queries,
+        max(_MIN_ROWS_PER_BLOCK, _SELECTION_BLOCK_BYTES // _BYTES_PER_BLOCK_ELEMENT // num_classes),
+    )
+    if rows * num_classes * _BYTES_PER_BLOCK_ELEMENT <= max_block_bytes:
+        return rows, num_classes
+    return block_shape(num_queries, num_classes, max_block_bytes)
+
+
 def _selection_plan(num_cols: int, k: int) -> tuple[int, int]:
     """Group size S and number of pruning levels L for selecting k of ``num_cols``.
 
     With L levels the columns form a pyramid of group minima (groups of S, groups of S groups,
-    ...); the selection inserts the ``num_cols / S**L`` top-level minima and then ``k·S``
-    candidates per level. The plan minimises that count (gathers weighted in too).
+    ...); the selection scans the ``num_cols / S**L`` top-level minima and then ``k·S``
+    candidates per level. The plan minimises that count (each level's gather weighted in).
 
     Returns:
-      ``(S, L)``; ``L = 0`` means a plain insertion over all columns.
+      ``(S, L)``; ``L = 0`` means one selection over all columns.
     """
     best = (float(num_cols), 1, 0)
     for levels in (1, 2, 3):
         group = max(2, int(round((num_cols / k) ** (1.0 / (levels + 1)))))
         top = -(-num_cols // group**levels)
-        cost = top + 1.5 * levels * k * group
+        cost = top + levels * k * (group + 1)
         if cost < best[0]:
             best = (cost, group, levels)
     return best[1], best[2]
@@ -89,16 +118,15 @@ def _insert(
     values: jax.Array,
     ids: jax.Array,
 ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
-    """Inserts one candidate per query into each query's ascending list of the k best.
+    """Inserts one candidate into an ascending list of the k best (elementwise over any shape).
 
-    The list is k separate ``[R]`` arrays, so the update is purely elementwise across queries:
-    XLA fuses it into one vectorised loop. Ties keep the earlier entry, so ids stay distinct.
+    Ties keep the earlier entry, so ids stay distinct.
 
     Args:
-      best_values: k float32 ``[R]`` arrays, ascending slot by slot.
-      best_ids: k int32 ``[R]`` arrays.
-      values: float32 ``[R]``, one candidate per query.
-      ids: int32 ``[R]`` (or a scalar), the candidates' ids.
+      best_values: k float32 arrays, ascending slot by slot.
+      best_ids: k int32 arrays.
+      values: float32, one candidate per list.
+      ids: int32, the candidates' ids.
 
     Returns:
       The updated ``(best_values, best_ids)``.
@@ -114,35 +142,37 @@ def _insert(
     return tuple(new_values), tuple(new_ids)
 
 
-def _k_best_columns(
-    values: jax.Array, ids: jax.Array | None, k: int
-) -> tuple[jax.Array, jax.Array]:
-    """The k smallest of each column by running insertion over the rows.
+def _k_smallest(values: jax.Array, ids: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The k smallest entries of each row with their ids, by one variadic reduction.
+
+    The reduction's state is an ascending k-list (k values and k ids); its reducer merges two
+    such lists by inserting the second's entries into the first, which is exact whatever order
+    XLA combines them in. Each input entry enters as a one-entry list whose other slots are
+    constant ``+inf``, so after inlining XLA:CPU reduces this to one insertion per entry in a
+    loop that keeps the list in registers; the producer of ``values`` (a gather, a mask) fuses
+    into the same loop.
 
     Args:
-      values: float32 ``[M, R]``: M candidates for each of R queries.
-      ids: int32 ``[M, R]`` candidate ids, or None for the row number.
+      values: float32 ``[R, n]``.
+      ids: int32 ``[R, n]``, the entries' ids.
       k: how many to keep.
 
     Returns:
-      ``(values [k, R], ids [k, R])`` ascending; unfilled slots (fewer than k finite
-      candidates) hold ``+inf`` and id -1.
+      ``(values [R, k], ids [R, k])`` ascending; ties keep the earlier entry; unfilled slots
+      (fewer than k entries below ``+inf``) hold ``+inf`` and id -1.
     """
-    num_candidates, num_queries = values.shape
-    # Materialise the candidates once: otherwise XLA may sink their producer (a gather) into the
-    # loop and recompute all of it on every iteration.
-    values, ids = lax.optimization_barrier((values, ids))
-    init = (
-        tuple(jnp.full((num_queries,), jnp.inf, jnp.float32) for _ in range(k)),
-        tuple(jnp.full((num_queries,), -1, jnp.int32) for _ in range(k)),
-    )
 
-    def body(row, best):
-        row_ids = row.astype(jnp.int32) if ids is None else ids[row]
-        return _insert(*best, values[row], row_ids)
+    def merge(acc, new):
+        best_values, best_ids = acc[:k], acc[k:]
+        for slot in range(k):
+            best_values, best_ids = _insert(best_values, best_ids, new[slot], new[k + slot])
+        return best_values + best_ids
 
-    best_values, best_ids = lax.fori_loop(0, num_candidates, body, init)
-    return jnp.stack(best_values), jnp.stack(best_ids)
+    operands = (values,) + (jnp.full_like(values, jnp.inf),) * (k - 1)
+    operands += (ids,) + (jnp.full_like(ids, -1),) * (k - 1)
+    inits = (jnp.float32(jnp.inf),) * k + (jnp.int32(-1),) * k
+    out = lax.reduce(operands, inits, merge, (1,))
+    return jnp.stack(out[:k], axis=-1), jnp.stack(out[k:], axis=-1)
 
 
 def _group_minima(values: jax.Array, group: int) -> jax.Array:
@@ -165,31 +195,22 @@ def _group_minima(values: jax.Array, group: int) -> jax.Array:
     return minima
 
 
-def _smallest_k(
-    scores: jax.Array,
-    k: int,
-    group: int,
-    levels: int,
-    rescore: Callable[[jax.Array], jax.Array] | None = None,
-) -> tuple[jax.Array, jax.Array]:
+def _smallest_k(scores: jax.Array, k: int, group: int, levels: int) -> tuple[jax.Array, jax.Array]:
     """The k smallest entries of each row, ascending, by pruning over a pyramid of minima.
 
     The columns are cut into groups of S, those into groups of S groups, and so on, and each
     group's minimum is taken (elementwise passes). The k groups with the smallest minima hold
     the k smallest entries (a group outside them lies above k other groups' minima), so the
-    search inserts the top level's minima, keeps the k best groups, and descends: at each level
-    only the k·S members of the k groups kept are candidates. This replaces a top-k over all
-    columns by about ``C / S**L + L·k·S`` cheap elementwise insertions.
+    search selects among the top level's minima, keeps the k best groups, and descends: at each
+    level only the k·S members of the k groups kept are candidates. This replaces a top-k over
+    all columns by selections over about ``C / S**L + L·k·S`` candidates.
 
     Args:
-      scores: float32 ``[R, M]``; masked entries are ``+inf``; M a multiple of
-        ``group**levels`` (callers pad with ``+inf``).
+      scores: float32 ``[R, M]``; M a multiple of ``group**levels`` (callers pad with
+        ``_PAD_SCORE``).
       k: how many to keep, at most the number of finite entries per row.
       group: the group size S.
-      levels: pyramid levels L (0: insert every column).
-      rescore: optional ``rescore(columns [R, m]) -> scores [R, m]`` recomputing the scores of
-        the last level's candidates instead of gathering them from ``scores`` (whose random
-        reads miss the cache when the block is large).
+      levels: pyramid levels L (0: one selection over every column).
 
     Returns:
       ``(values [R, k], positions [R, k] int32)``, ascending by value.
@@ -198,34 +219,18 @@ def _smallest_k(
     pyramid = [scores]
     for _ in range(levels):
         pyramid.append(_group_minima(pyramid[-1], group))
-    values, ids = _k_best_columns(pyramid[-1].T, None, k)
-    values, ids = values.T, ids.T  # [R, k]; id -1 marks a slot no finite entry filled
+    top = pyramid[-1]
+    values, ids = _k_smallest(top, lax.broadcasted_iota(jnp.int32, top.shape, 1), k)
     for level in reversed(range(levels)):
         finer = pyramid[level]
         width = finer.shape[1] // group
-        missing = ids < 0
-        ids = jnp.maximum(ids, 0)
-        candidate_ids = ids[:, :, None] + width * jnp.arange(group, dtype=jnp.int32)
-        if level == 0 and rescore is not None:
-            candidates = rescore(candidate_ids.reshape(num_rows, k * group))
-            candidates = candidates.reshape(num_rows, k, group)
-        else:
-            # Member i of group j is column j + i·width; one gather per slab keeps each gather
-            # a plain element gather (a strided slice gather is far slower on CPU).
-            candidates = jnp.stack(
-                [
-                    jnp.take_along_axis(finer[:, slab * width : (slab + 1) * width], ids, 1)
-                    for slab in range(group)
-                ],
-                axis=-1,
-            )  # [R, k, S]
-        candidates = jnp.where(missing[:, :, None], jnp.inf, candidates)
-        values, ids = _k_best_columns(
-            candidates.reshape(num_rows, k * group).T,
-            candidate_ids.reshape(num_rows, k * group).T,
-            k,
-        )
-        values, ids = values.T, ids.T
+        # Member i of group j is column j + i·width (see _group_minima).
+        columns = ids[:, :, None] + width * jnp.arange(group, dtype=jnp.int32)
+        columns = jnp.where(ids[:, :, None] < 0, -1, columns).reshape(num_rows, k * group)
+        candidates = jnp.take_along_axis(finer, jnp.maximum(columns, 0), axis=1)
+        # A slot that no finite entry filled (id -1) must not bring candidates.
+        candidates = jnp.where(columns < 0, jnp.inf, candidates)
+        values, ids = _k_smallest(candidates, columns, k)
     return values, ids
 
 
@@ -246,8 +251,34 @@ def _top_k_smallest(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return -neg_values, positions.astype(jnp.int32)
 
 
+def _augmented_classes(classes: jax.Array, start, cols: int, covered) -> jax.Array:
+    """Rows ``[−2e, ‖e‖²]`` of classes ``start .. start + cols``, built for one column block.
+
+    Args:
+      classes: float32 ``[C, D]``.
+      start: first class of the block (``start + cols <= C``).
+      cols: classes in the block.
+      covered: classes below this id are masked (they score ``_PAD_SCORE``): the last column
+        block starts early so that it stays inside the table, and its overlap with the block
+        before it must not be counted twice.
+
+    Returns:
+      float32 ``[cols, D + 1]``.
+    """
+    block = lax.dynamic_slice_in_dim(classes, start, cols)
+    norms = jnp.sum(block * block, axis=-1, keepdims=True)
+    ids = start + lax.broadcasted_iota(jnp.int32, (cols, 1), 0)
+    return jnp.concatenate([-2.0 * block, jnp.where(ids < covered, _PAD_SCORE, norms)], axis=1)
+
+
 def _search_rows(
-    queries: jax.Array, class_table: jax.Array, k: int, cols: int, select: Callable
+    queries: jax.Array,
+    classes: jax.Array,
+    table: jax.Array | None,
+    k: int,
+    cols: int,
+    select: Callable,
+    merge: Callable,
 ) -> jax.Array:
     """Ids of the k nearest classes for one block of query rows.
 
@@ -256,44 +287,45 @@ def _search_rows(
     fused into every consumer of the block and slow the selection several times over on CPU.
 
     Args:
-      queries: float32 ``[R, D + 1]``, queries with a trailing 1.
-      class_table: float32 ``[C', D + 1]`` rows ``[−2e, ‖e‖²]``, C' a multiple of ``cols``;
-        padding rows ``[0, BIG]``.
+      queries: float32 ``[R, D]``.
+      classes: float32 ``[C, D]``.
+      table: float32 ``[C', D + 1]`` rows ``[−2e, ‖e‖²]`` (C' >= C a multiple of the selection
+        unit; padding rows ``[0, _PAD_SCORE]``) when the class axis is one block (``cols =
+        C'``); None when it is cut into column blocks of ``cols < C`` classes, whose rows are
+        then built block by block so that no second copy of the class table is held.
       k: neighbours per query.
       cols: classes per column block (a multiple of the selection's group unit).
-      select: ``select(scores [R, cols], k, rescore) -> (values [R, k], positions [R, k])``;
-        ``rescore(columns [R, m])`` recomputes scores of chosen columns (one column block).
+      select: ``select(scores [R, cols], k) -> (values [R, k], positions [R, k])``.
+      merge: ``merge(values [R, m], ids [R, m], k) -> (values [R, k], ids [R, k])``, the k
+        smallest of m, for the running result over column blocks.
 
     Returns:
       int32 ``[R, k]``, ascending by distance.
     """
-    num_col_blocks = class_table.shape[0] // cols
-    if num_col_blocks == 1:
-        scores = jnp.dot(queries, class_table.T, precision=_HIGHEST)
+    augmented = jnp.concatenate([queries, jnp.ones((queries.shape[0], 1), jnp.float32)], 1)
+    if table is not None:
+        return select(jnp.dot(augmented, table.T, precision=_HIGHEST), k)[1]
 
-        def rescore(columns):
-            return jnp.sum(queries[:, None, :] * class_table[columns], axis=-1)
+    num_classes = classes.shape[0]
 
-        return select(scores, k, rescore)[1]
-
-    def merge(best, block_index):
-        start = block_index * cols
-        block = lax.dynamic_slice_in_dim(class_table, start, cols)
-        scores = jnp.dot(queries, block.T, precision=_HIGHEST)
-        values, positions = select(scores, k, None)
-        merged = _k_best_columns(
-            jnp.concatenate([best[0], values.T], axis=0),
-            jnp.concatenate([best[1], positions.T + start], axis=0),
+    def add_block(best, block_index):
+        covered = block_index * cols
+        start = jnp.minimum(covered, num_classes - cols)
+        block = _augmented_classes(classes, start, cols, covered)
+        values, positions = select(jnp.dot(augmented, block.T, precision=_HIGHEST), k)
+        merged = merge(
+            jnp.concatenate([best[0], values], axis=1),
+            jnp.concatenate([best[1], positions + start], axis=1),
             k,
         )
         return merged, None
 
     init = (
-        jnp.full((k, queries.shape[0]), jnp.inf, jnp.float32),
-        jnp.full((k, queries.shape[0]), -1, jnp.int32),
+        jnp.full((queries.shape[0], k), jnp.inf, jnp.float32),
+        jnp.full((queries.shape[0], k), -1, jnp.int32),
     )
-    (_, ids), _ = lax.scan(merge, init, jnp.arange(num_col_blocks))
-    return ids.T
+    (_, ids), _ = lax.scan(add_block, init, jnp.arange(-(-num_classes // cols)))
+    return ids
 
 
 def _drop_excluded(ids: jax.Array, exclude: jax.Array) -> jax.Array:
@@ -309,15 +341,6 @@ def _drop_excluded(ids: jax.Array, exclude: jax.Array) -> jax.Array:
     """
     seen = jnp.cumsum(ids == exclude[:, None], axis=-1) > 0  # at or after the excluded entry
     return jnp.where(seen[:, :-1], ids[:, 1:], ids[:, :-1])
-
-
-def _pad_rows(x: jax.Array, multiple: int, value) -> jax.Array:
-    """Pads axis 0 of ``x`` with ``value`` up to a multiple of ``multiple``."""
-    extra = -x.shape[0] % multiple
-    if extra == 0:
-        return x
-    pad = [(0, extra)] + [(0, 0)] * (x.ndim - 1)
-    return jnp.pad(x, pad, constant_values=value)
 
 
 def nearest_class_ids(
@@ -339,8 +362,9 @@ def nearest_class_ids(
         that is never returned (e.g. its target). Ids outside ``[0, C)`` exclude nothing.
       max_block_bytes: budget for the queries×classes block held at once.
       method: how each block's k smallest are selected: ``"pyramid"`` (pruning over group
-        minima with elementwise insertions, fastest on CPU), ``"top_k"`` (``lax.top_k``,
-        fastest on GPU and TPU) or ``"auto"`` (by the default backend). Both are exact.
+        minima with one reduction per selection, on cache-sized blocks within the budget;
+        fastest on CPU), ``"top_k"`` (``lax.top_k``, fastest on GPU and TPU) or ``"auto"`` (by
+        the default backend). Both are exact.
 
     Returns:
       int32 ``[..., k]``, nearest first.
@@ -369,43 +393,55 @@ def nearest_class_ids(
     # Exclusion: search one more neighbour and drop the excluded id afterwards, so the block
     # itself needs no mask.
     wanted = k + (exclude is not None)
-    rows, cols = block_shape(num_queries, num_classes, max_block_bytes)
-    if method == "pyramid":
+    if method == "pyramid" and wanted <= _MAX_REDUCE_K:
+        rows, cols = _selection_block_shape(num_queries, num_classes, max_block_bytes)
         group, levels = _selection_plan(max(cols, wanted), wanted)
         unit = group**levels
 
-        def select(scores, count, rescore):
-            return _smallest_k(scores, count, group, levels, rescore)
-    else:
+        def select(scores, count):
+            return _smallest_k(scores, count, group, levels)
 
-        def select(scores, count, rescore):
-            del rescore  # top_k reads the block once; nothing to recompute
+        merge = _k_smallest
+    else:
+        rows, cols = block_shape(num_queries, num_classes, max_block_bytes)
+        unit = 1
+
+        def select(scores, count):
             return _top_k_smallest(scores, count)
 
-        unit = 1
-    if cols == num_classes:  # one column block: pad the class axis to whole top-level groups
+        def merge(values, ids, count):
+            values, positions = _top_k_smallest(values, count)
+            return values, jnp.take_along_axis(ids, positions, axis=1)
+
+    if cols < num_classes:  # column blocks of whole top-level groups, as even as the unit allows
+        num_col_blocks = -(-num_classes // cols)
+        cols = max((-(-num_classes // num_col_blocks)) // unit, 1) * unit
+    table = None
+    if cols >= num_classes:  # one column block: pad the class axis to whole top-level groups
         cols = -(-num_classes // unit) * unit
-    else:  # column blocks of whole top-level groups, within the budget
-        cols = max(cols // unit, 1) * unit
-    # Rows [−2e, ‖e‖²]; padding rows score _PAD_SCORE against every query.
-    table = jnp.concatenate([-2.0 * classes, jnp.sum(classes * classes, -1, keepdims=True)], 1)
-    pad = -num_classes % cols
-    if pad:
-        padding = jnp.zeros((pad, dim + 1), jnp.float32).at[:, dim].set(_PAD_SCORE)
-        table = jnp.concatenate([table, padding], axis=0)
-    augmented = jnp.concatenate([flat, jnp.ones((num_queries, 1), jnp.float32)], axis=1)
-    augmented = _pad_rows(augmented, rows, 0.0)
-    num_row_blocks = augmented.shape[0] // rows
+        # Rows [−2e, ‖e‖²]; padding rows score _PAD_SCORE against every query.
+        table = jnp.concatenate(
+            [-2.0 * classes, jnp.sum(classes * classes, -1, keepdims=True)], axis=1
+        )
+        pad = cols - num_classes
+        if pad:
+            padding = jnp.zeros((pad, dim + 1), jnp.float32).at[:, dim].set(_PAD_SCORE)
+            table = jnp.concatenate([table, padding], axis=0)
 
-    def search(block_queries):
-        return _search_rows(block_queries, table, wanted, cols, select)
+    def search(block_index):
+        # The last row block starts early so that it stays inside the queries; its rows that
+        # the block before it covered are dropped below.
+        start = jnp.minimum(block_index * rows, num_queries - rows)
+        block = lax.dynamic_slice_in_dim(flat, start, rows)
+        return _search_rows(block, classes, table, wanted, cols, select, merge)
 
+    num_row_blocks = -(-num_queries // rows)
     if num_row_blocks == 1:
-        ids = search(augmented)
+        ids = search(0)
     else:
-        ids = lax.map(search, augmented.reshape(num_row_blocks, rows, dim + 1))
-        ids = ids.reshape(-1, wanted)
-    ids = ids[:num_queries]
+        blocks = lax.map(search, jnp.arange(num_row_blocks))
+        overlap = num_row_blocks * rows - num_queries
+        ids = jnp.concatenate([blocks[:-1].reshape(-1, wanted), blocks[-1, overlap:]], axis=0)
     if exclude is not None:
         ids = _drop_excluded(ids, jnp.asarray(exclude, jnp.int32).reshape(-1))
     # Slots stay -1 only for non-finite queries; keep every id a valid index.
@@ -453,7 +489,9 @@ def nearest_classes(
       ``(distances, indices)``: float32 ``[..., k]`` Euclidean distances, ascending, and the
       int32 class ids. No gradient flows through either.
     """
-    ids = nearest_class_ids(queries, class_emb, k, exclude=exclude, max_block_bytes=max_block_bytes)
+    ids = nearest_class_ids(
+        queries, class_emb, k, exclude=exclude, max_block_bytes=max_block_bytes, method=method
+    )
     q = lax.stop_gradient(queries).astype(jnp.float32)
     e = lax.stop_gradient(class_emb).astype(jnp.float32)
     distances = pairwise_distance(q[..., None, :], e[ids])

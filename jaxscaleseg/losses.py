@@ -9,6 +9,8 @@ get an error that names the offending values.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -174,8 +176,79 @@ def separation_loss(
     nearest = knn.nearest_class_ids(
         classes, classes, 1, exclude=own_ids, max_block_bytes=max_block_bytes
     )[:, 0]
-    distances = knn.pairwise_distance(classes, classes[nearest])
-    return jnp.sum(jax.nn.relu(margin - distances)) / num_classes
+    return _hinge_to_nearest(classes, nearest, margin) / num_classes
+
+
+# Classes per step of the separation gradient's scatter to the nearest rows.
+_SCATTER_CHUNK = 8192
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _hinge_to_nearest(classes: jax.Array, nearest: jax.Array, margin: float) -> jax.Array:
+    """``sum_c relu(margin − ‖e_c − e_nearest[c]‖)`` with a lean hand-written gradient.
+
+    Automatic differentiation keeps the ``[C, D]`` differences (or the gathered rows) from
+    the forward pass to the backward pass and builds a second ``[C, D]`` array for the scatter
+    to the nearest rows. Here the backward pass keeps one scale per class, recomputes the
+    differences and scatters them in chunks, so at large C it holds the gradient alone.
+
+    Args:
+      classes: float32 ``[C, D]``.
+      nearest: int32 ``[C]`` (no gradient).
+      margin: m.
+
+    Returns:
+      float32 scalar.
+    """
+    return _hinge_to_nearest_fwd(classes, nearest, margin)[0]
+
+
+def _squared_norm(x: jax.Array) -> jax.Array:
+    """``sum(x², -1)`` as an elementwise chain (fuses with the producer of x; see
+    ``models.deeplabv3plus._dot_along``)."""
+    total = x[..., 0] * x[..., 0]
+    for i in range(1, x.shape[-1]):
+        total = total + x[..., i] * x[..., i]
+    return total
+
+
+def _hinge_to_nearest_fwd(classes, nearest, margin):
+    squared = _squared_norm(classes - classes[nearest])
+    distances = jnp.sqrt(jnp.maximum(squared, 1e-12))  # as knn.pairwise_distance
+    # d relu(m − d)/d diff = −diff/d where the margin is violated and the distance is not
+    # clamped (a zero gradient there, as for knn.pairwise_distance).
+    scale = jnp.where((distances < margin) & (squared > 1e-12), -1.0 / distances, 0.0)
+    return jnp.sum(jax.nn.relu(margin - distances)), (classes, nearest, scale)
+
+
+def _hinge_to_nearest_bwd(margin, residuals, g):
+    del margin
+    classes, nearest, scale = residuals
+    # A barrier keeps XLA from sharing the gather below with the forward pass's (which would
+    # keep a [C, D] array alive from one to the other).
+    nearest = lax.optimization_barrier(nearest)
+    weights = g * scale
+    grad = weights[:, None] * (classes - classes[nearest])
+    num_classes = classes.shape[0]
+    chunk = min(_SCATTER_CHUNK, num_classes)
+
+    def scatter_chunk(index, grad):
+        # The last chunk starts early to stay inside the table; rows already done weigh 0.
+        covered = index * chunk
+        start = jnp.minimum(covered, num_classes - chunk)
+        rows = start + jnp.arange(chunk)
+        chunk_weights = jnp.where(
+            rows >= covered, lax.dynamic_slice_in_dim(weights, start, chunk), 0
+        )
+        chunk_nearest = lax.dynamic_slice_in_dim(nearest, start, chunk)
+        diff = lax.dynamic_slice_in_dim(classes, start, chunk) - classes[chunk_nearest]
+        return grad.at[chunk_nearest].add(-chunk_weights[:, None] * diff)
+
+    grad = lax.fori_loop(0, -(-num_classes // chunk), scatter_chunk, grad)
+    return grad, None
+
+
+_hinge_to_nearest.defvjp(_hinge_to_nearest_fwd, _hinge_to_nearest_bwd)
 
 
 def softmax_cross_entropy(

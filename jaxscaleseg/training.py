@@ -59,6 +59,7 @@ _META_KEYS = (
     "output_stride",
     "separable",
     "tiny_width",
+    "center_embedding",
 )
 _TINY_DEFAULT_WIDTH = 8  # the width build_model gives the tiny backbone
 
@@ -222,6 +223,98 @@ def eval_step(
     return metrics.batch_counts(pred, batch["label"], num_classes, valid=batch["valid"])
 
 
+def class_embedding_sums(
+    state: TrainState, batch: Mapping[str, jax.Array], num_classes: int
+) -> tuple[jax.Array, jax.Array]:
+    """Per-class sums of the pixel embeddings of one batch (for imprinting the class table).
+
+    The network runs in training mode (batch statistics, as in a training step) and its
+    BatchNorm updates are dropped. Memory is O(C·D + pixels·D): a segment sum, no pixels×C array.
+
+    Args:
+      state: the train state (embedding head).
+      batch: ``{"image": float32 [B, H, W, 3], "label": int32 [B, H, W]}``, -1 ignored.
+      num_classes: C (static).
+
+    Returns:
+      ``(sums, counts)``: float32 ``[C, D]`` and int32 ``[C]``.
+    """
+    outputs, _ = state.apply_fn(
+        {"params": state.params, "batch_stats": state.batch_stats},
+        batch["image"],
+        train=True,
+        mutable=["batch_stats"],
+        rngs={"dropout": jax.random.key(0)},
+    )
+    pixel = outputs["pixel_embedding"].reshape(-1, outputs["pixel_embedding"].shape[-1])
+    labels = batch["label"].reshape(-1)
+    segment = jnp.where((labels >= 0) & (labels < num_classes), labels, num_classes)
+    sums = jax.ops.segment_sum(pixel, segment, num_segments=num_classes + 1)[:num_classes]
+    counts = jax.ops.segment_sum(jnp.ones_like(segment), segment, num_segments=num_classes + 1)[
+        :num_classes
+    ]
+    return sums, counts
+
+
+def imprint_class_embeddings(
+    params: Mapping[str, Any], sums: jax.Array, counts: jax.Array
+) -> dict[str, Any]:
+    """Points each seen class's row of the table at its mean pixel embedding.
+
+    Row lengths are kept (the forward pass normalises the rows, and a row's length sets its
+    effective learning rate), so only directions change; rows with ``counts == 0`` are kept.
+
+    Args:
+      params: model parameters with a top-level ``class_embedding`` float32 ``[C, D]``.
+      sums: float32 ``[C, D]`` per-class sums of pixel embeddings.
+      counts: int ``[C]`` pixels per class.
+
+    Returns:
+      A copy of ``params`` with the new table.
+    """
+    table = params["class_embedding"]
+    length = jnp.linalg.norm(table, axis=-1, keepdims=True)
+    direction = sums / jnp.maximum(jnp.linalg.norm(sums, axis=-1, keepdims=True), 1e-12)
+    imprinted = jnp.where((counts > 0)[:, None], direction * length, table)
+    return {**params, "class_embedding": imprinted}
+
+
+def _imprint(state, config, train_source, data_sharding, host_batch: int, is_main: bool):
+    """``state`` with the class table imprinted from ``config.model.imprint_batches`` batches.
+
+    The batches come from a separate iterator (seed ``config.seed + 1``), so the training
+    data order is the same with and without imprinting.
+    """
+    d = config.dataset
+    iterator = pipeline.make_train_iterator(
+        train_source,
+        batch_size=host_batch,
+        crop_size=tuple(int(v) for v in d.crop_size),
+        seed=config.seed + 1,
+        num_classes=d.num_classes,
+        scale_range=tuple(d.scale_range),
+        flip=d.flip,
+        color_jitter=d.color_jitter,
+        worker_count=0,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+    )
+    sums_fn = jax.jit(functools.partial(class_embedding_sums, num_classes=d.num_classes))
+    sums = counts = None
+    for _ in range(config.model.imprint_batches):
+        batch = _to_global(next(iterator), data_sharding)
+        s, c = sums_fn(state, {"image": batch["image"], "label": batch["label"]})
+        sums, counts = (s, c) if sums is None else (sums + s, counts + c)
+    if is_main:
+        seen = int(jnp.sum(counts > 0))
+        print(
+            f"imprinted {seen} of {d.num_classes} class embeddings from "
+            f"{config.model.imprint_batches} batches",
+            flush=True,
+        )
+    return state.replace(params=imprint_class_embeddings(state.params, sums, counts))
+
+
 # --------------------------------------------------------------------------- setup
 
 
@@ -245,6 +338,7 @@ def _model_meta(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "output_stride": int(config.model.output_stride),
         "separable": bool(config.model.separable),
         "tiny_width": int(config.model.tiny_width),
+        "center_embedding": bool(config.model.center_embedding),
     }
 
 
@@ -266,6 +360,7 @@ def make_model(config: ml_collections.ConfigDict):
             low_level_features=width,
             decoder_features=2 * width,
             separable=meta["separable"],
+            center_embedding=meta["center_embedding"],
             **kw,
         )
     return build_model(
@@ -277,6 +372,7 @@ def make_model(config: ml_collections.ConfigDict):
         dtype=jnp.dtype(config.model.dtype),
         separable=meta["separable"],
         bn_momentum=config.model.bn_momentum,
+        center_embedding=meta["center_embedding"],
     )
 
 
@@ -725,8 +821,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             best_miou = float(stored["metrics"]["mIoU"])
         if is_main:
             print(f"resuming from step {start_step} in {workdir}", flush=True)
-    elif is_main:
-        print(f"starting from scratch in {workdir}", flush=True)
+    else:
+        if is_main:
+            print(f"starting from scratch in {workdir}", flush=True)
+        if config.model.class_embedding_init == "imprint" and config.loss.name == "ess":
+            state = _imprint(state, config, train_source, data_sharding, host_batch, is_main)
     if is_main:
         (workdir / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
         (workdir / "config.json").write_text(_config_json(config) + "\n")
@@ -842,10 +941,12 @@ __all__ = [
     "TrainState",
     "WorkdirError",
     "abstract_train_state",
+    "class_embedding_sums",
     "compute_loss",
     "create_train_state",
     "eval_step",
     "evaluate",
+    "imprint_class_embeddings",
     "load_checkpoint",
     "make_mesh",
     "make_model",

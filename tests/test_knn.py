@@ -132,3 +132,31 @@ def test_compiled_search_memory_is_bounded(num_classes):
     class_table = num_classes * 16 * 4
     # The block (within budget) plus copies of the padded class table and small per-row state.
     assert memory.temp_size_in_bytes < budget + 3 * class_table + 8 * 2**20, memory
+
+
+@pytest.mark.parametrize("k,n", [(1, 5), (2, 40), (8, 8), (8, 37), (5, 3)])
+def test_k_smallest_reduction_with_ties_and_infinities(maybe_jit, k, n):
+    """The reduction-based selection: ascending, ties keep the earlier entry, -1 fills."""
+    rng = np.random.default_rng(14)
+    values = rng.integers(0, 6, (50, n)).astype(np.float32)  # many exact ties
+    values[rng.random((50, n)) < 0.3] = np.inf
+    values[0] = np.inf  # a row with nothing finite
+    ids = rng.permutation(50 * n).reshape(50, n).astype(np.int32)
+    got_values, got_ids = maybe_jit(lambda v, i: knn._k_smallest(v, i, k))(values, ids)
+    order = np.argsort(values, axis=1, kind="stable")[:, :k]  # stable: earlier entry first
+    want_values = np.take_along_axis(values, order, axis=1)
+    want_ids = np.where(np.isinf(want_values), -1, np.take_along_axis(ids, order, axis=1))
+    if k > n:
+        pad = ((0, 0), (0, k - n))
+        want_values = np.pad(want_values, pad, constant_values=np.inf)
+        want_ids = np.pad(want_ids, pad, constant_values=-1)
+    np.testing.assert_array_equal(np.asarray(got_values), want_values)
+    np.testing.assert_array_equal(np.asarray(got_ids), want_ids)
+
+
+def test_selection_blocks_stay_within_the_budget():
+    for num_classes in [19, 1284, 10_000, 100_000]:
+        for budget in [2**16, 8 * 2**20, knn.DEFAULT_MAX_BLOCK_BYTES]:
+            rows, cols = knn._selection_block_shape(131072, num_classes, budget)
+            assert rows * cols * 8 <= budget
+            assert cols == num_classes or rows <= 32

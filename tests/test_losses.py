@@ -199,3 +199,14 @@ def test_value_and_grad_memory_grows_less_than_the_class_table():
     small, large = temp_bytes(1284), temp_bytes(100_000)
     allowed = 16 * 2**20 + 8 * (100_000 - 1284) * dim * 4
     assert large - small < allowed, (small, large, allowed)
+
+
+def test_separation_gradient_scatter_in_chunks(monkeypatch):
+    """The hand-written backward pass scatters in chunks; the last one overlaps the one before."""
+    _, classes, _ = random_embeddings(14, 1, 300, 4)
+    monkeypatch.setattr(losses, "_SCATTER_CHUNK", 64)  # 300 = 4 chunks of 64 + an overlapping one
+    loss, grad = jax.value_and_grad(lambda e: losses.separation_loss(e, margin=0.3))(classes)
+    ref_loss, ref_grad = reference.separation_loss_and_grad(classes, 0.3)
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
+    scale = np.abs(ref_grad).max()
+    np.testing.assert_allclose(np.asarray(grad), ref_grad, rtol=1e-5, atol=1e-5 * scale)

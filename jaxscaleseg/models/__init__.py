@@ -51,6 +51,7 @@ def build_backbone(
     output_stride: int = 16,
     dtype: Dtype = jnp.float32,
     bn_momentum: float = 0.99,
+    center_embedding: bool = False,
 ) -> nn.Module:
     """Builds a backbone returning ``(low_level, high_level)`` features.
 
@@ -82,6 +83,7 @@ def build_model(
     dtype: Dtype = jnp.float32,
     separable: bool = False,
     bn_momentum: float = 0.99,
+    center_embedding: bool = False,
 ) -> nn.Module:
     """Builds DeepLabV3+ with the named backbone and head.
 
@@ -97,6 +99,8 @@ def build_model(
         embedding normalisation and the class table stay float32.
       separable: depthwise-separable 3×3 convs in ASPP and decoder.
       bn_momentum: BatchNorm running-average decay (flax convention).
+      center_embedding: standardise the embedding channels over the batch before the L2
+        normalisation (see :class:`DeepLabV3Plus`).
 
     Returns:
       An unbound :class:`DeepLabV3Plus`.
@@ -125,4 +129,5 @@ def build_model(
         separable=separable,
         bn_momentum=bn_momentum,
         dtype=dtype,
+        center_embedding=center_embedding,
     )

@@ -62,11 +62,26 @@ def _l2_normalize_fwd(x: jax.Array, axis: int, eps: float):
     return x * inv, (x, inv)
 
 
+def _dot_along(a: jax.Array, b: jax.Array, axis: int) -> jax.Array:
+    """``sum(a * b, axis, keepdims=True)`` as a chain of elementwise products and sums.
+
+    A reduction here becomes an XLA:CPU library fusion that takes every input materialised,
+    so the backward pass below would hold ``1/‖x‖`` broadcast to ``x``'s full shape (a second
+    ``[C, D]`` array for the class table); over the few entries of an embedding axis the
+    elementwise chain fuses into the consumer instead.
+    """
+    total = None
+    for i in range(a.shape[axis]):
+        term = jax.lax.index_in_dim(a, i, axis) * jax.lax.index_in_dim(b, i, axis)
+        total = term if total is None else total + term
+    return total
+
+
 def _l2_normalize_bwd(axis: int, eps: float, residuals, g: jax.Array):
     x, inv = residuals
     # d(x/‖x‖)ᵀg = g/‖x‖ - x <x, g>/‖x‖³ where the norm is not clamped, g/eps where it is.
     # Written without x/‖x‖ so that no second [.., D] array is materialised.
-    radial = jnp.sum(g * x, axis=axis, keepdims=True) * jnp.where(inv < 1.0 / eps, inv**3, 0.0)
+    radial = _dot_along(g, x, axis) * jnp.where(inv < 1.0 / eps, inv**3, 0.0)
     return (g * inv - x * radial,)
 
 
@@ -195,6 +210,11 @@ class DeepLabV3Plus(nn.Module):
       bn_momentum: BatchNorm running-average decay (flax convention).
       dtype: computation dtype; parameters, BatchNorm statistics, the embedding normalisation
         and the class table are float32.
+      center_embedding: standardise each embedding channel over the batch (a BatchNorm with
+        no scale or offset, running statistics at evaluation) before the L2 normalisation.
+        Off in the paper. A network trained from scratch (no ImageNet backbone) can otherwise
+        settle on one constant embedding for every pixel, whose pulls towards many random
+        targets cancel; centred embeddings cannot all coincide.
     """
 
     backbone: nn.Module
@@ -209,6 +229,7 @@ class DeepLabV3Plus(nn.Module):
     separable: bool = False
     bn_momentum: float = 0.99
     dtype: Dtype = jnp.float32
+    center_embedding: bool = False
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -241,6 +262,15 @@ class DeepLabV3Plus(nn.Module):
         pixel = conv(self.embedding_dim, 1, use_bias=True, dtype=jnp.float32, name="head_conv")(
             x.astype(jnp.float32)
         )
+        if self.center_embedding:
+            pixel = nn.BatchNorm(
+                use_running_average=not train,
+                momentum=self.bn_momentum,
+                use_bias=False,
+                use_scale=False,
+                dtype=jnp.float32,
+                name="embedding_center",
+            )(pixel)
         pixel = resize_bilinear(l2_normalize(pixel), height, width)
         table = self.param(
             "class_embedding",
