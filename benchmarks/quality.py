@@ -169,6 +169,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         PRESETS[args.preset], **{k: v for k, v in overrides.items() if v is not None}
     )
     print(describe(preset), flush=True)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"quality_{args.preset}"
+    command = "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:])
+    header = f"`{command.strip()}`\n\n{describe(preset)}"
     rows = []
     for num_classes in preset.class_counts:
         for seed in preset.seeds:
@@ -181,19 +186,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     f"({row['seconds_this_call']:.0f} s)",
                     flush=True,
                 )
-    table = markdown(rows)
+                write_tables(rows, stem, header)  # a cut-short run keeps its finished cells
     print()
-    print(table)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"quality_{args.preset}"
+    print(markdown(rows))
+    return rows
+
+
+def write_tables(rows: list[dict], stem: Path, header: str) -> None:
+    """Writes ``<stem>.csv`` and ``<stem>.md`` (the header, then the table)."""
     with open(f"{stem}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    command = "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:])
-    Path(f"{stem}.md").write_text(f"`{command.strip()}`\n\n{describe(preset)}\n\n{table}\n")
-    return rows
+    Path(f"{stem}.md").write_text(f"{header}\n\n{markdown(rows)}\n")
 
 
 if __name__ == "__main__":

@@ -38,8 +38,9 @@ _MIN_ROWS_PER_BLOCK = 32
 # Each block element is a float32 score, and XLA may hold it and one masked copy at once.
 _BYTES_PER_BLOCK_ELEMENT = 8
 _HIGHEST = lax.Precision.HIGHEST
-# The pyramid selection (CPU) works on blocks of at most this many bytes, whatever the budget:
-# a block that stays in the cache between the matmul and the passes that read it is faster.
+# The pyramid selection (CPU) works on blocks of about this many bytes (at least
+# _MIN_ROWS_PER_BLOCK rows, never above the budget): a block that stays in the cache between the
+# matmul and the passes that read it is faster than a larger one.
 _SELECTION_BLOCK_BYTES = 2 * 2**20
 # Largest k the reduction-based selection takes (its reducer grows as k²); beyond it the
 # pyramid method selects with lax.top_k.

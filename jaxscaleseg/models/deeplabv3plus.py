@@ -62,26 +62,14 @@ def _l2_normalize_fwd(x: jax.Array, axis: int, eps: float):
     return x * inv, (x, inv)
 
 
-def _dot_along(a: jax.Array, b: jax.Array, axis: int) -> jax.Array:
-    """``sum(a * b, axis, keepdims=True)`` as a chain of elementwise products and sums.
-
-    A reduction here becomes an XLA:CPU library fusion that takes every input materialised,
-    so the backward pass below would hold ``1/‖x‖`` broadcast to ``x``'s full shape (a second
-    ``[C, D]`` array for the class table); over the few entries of an embedding axis the
-    elementwise chain fuses into the consumer instead.
-    """
-    total = None
-    for i in range(a.shape[axis]):
-        term = jax.lax.index_in_dim(a, i, axis) * jax.lax.index_in_dim(b, i, axis)
-        total = term if total is None else total + term
-    return total
-
-
 def _l2_normalize_bwd(axis: int, eps: float, residuals, g: jax.Array):
-    x, inv = residuals
+    # The barrier keeps XLA from sharing 1/‖x‖ broadcast to x's shape with the forward pass:
+    # shared, it is materialised (a second [C, D] array for the class table) and kept alive
+    # from the forward pass to this one.
+    x, inv = jax.lax.optimization_barrier(residuals)
     # d(x/‖x‖)ᵀg = g/‖x‖ - x <x, g>/‖x‖³ where the norm is not clamped, g/eps where it is.
     # Written without x/‖x‖ so that no second [.., D] array is materialised.
-    radial = _dot_along(g, x, axis) * jnp.where(inv < 1.0 / eps, inv**3, 0.0)
+    radial = jnp.sum(g * x, axis=axis, keepdims=True) * jnp.where(inv < 1.0 / eps, inv**3, 0.0)
     return (g * inv - x * radial,)
 
 
