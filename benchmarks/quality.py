@@ -18,7 +18,6 @@ the unfinished runs and skips the finished ones.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import os
 import platform
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import jax
 
+from benchmarks.results_files import write_tables
 from jaxscaleseg import config_schema, training
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -186,19 +186,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     f"({row['seconds_this_call']:.0f} s)",
                     flush=True,
                 )
-                write_tables(rows, stem, header)  # a cut-short run keeps its finished cells
+                write_tables(rows, stem, header, markdown(rows))
     print()
     print(markdown(rows))
     return rows
-
-
-def write_tables(rows: list[dict], stem: Path, header: str) -> None:
-    """Writes ``<stem>.csv`` and ``<stem>.md`` (the header, then the table)."""
-    with open(f"{stem}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    Path(f"{stem}.md").write_text(f"{header}\n\n{markdown(rows)}\n")
 
 
 if __name__ == "__main__":

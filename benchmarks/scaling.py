@@ -21,7 +21,6 @@ time against C, log-scaled, both heads) ``benchmarks/results/scaling_<preset>.pn
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import functools
 import os
@@ -34,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.results_files import write_tables
 from jaxscaleseg import config_schema, optim, training
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -215,15 +215,6 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def write_tables(rows: list[dict], stem: Path, description: str) -> None:
-    """Writes ``<stem>.csv`` and ``<stem>.md`` (the description, then the table)."""
-    with open(f"{stem}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
-        writer.writeheader()
-        writer.writerows(rows)
-    Path(f"{stem}.md").write_text(description + "\n\n" + markdown(rows) + "\n")
-
-
 def describe(preset: Preset) -> str:
     return (
         f"DeepLabV3+ {preset.backbone} OS {preset.output_stride}, batch {preset.batch}, "
@@ -269,7 +260,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     f"  C = {num_classes:,} {head} {dtype}: {time.perf_counter() - start:.0f} s",
                     flush=True,
                 )
-                write_tables(rows, stem, describe(preset))  # a cut-short run keeps its cells
+                write_tables(rows, stem, describe(preset), markdown(rows))
     print()
     print(markdown(rows))
     if not args.no_plot:
