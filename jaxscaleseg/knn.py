@@ -49,6 +49,23 @@ _MAX_REDUCE_K = 16
 _PAD_SCORE = 1e30
 
 
+def unit_rows(rows: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """``rows / max(‖rows‖, eps)`` along the last axis (as ``models.l2_normalize``).
+
+    Plain automatic differentiation: meant for the few rows a block or chunk reads, not for a
+    whole table (see ``models.l2_normalize`` for that).
+
+    Args:
+      rows: float32 ``[..., D]``.
+      eps: lower bound on the norm (zero rows stay zero).
+
+    Returns:
+      float32 ``[..., D]``.
+    """
+    squared = jnp.sum(rows * rows, axis=-1, keepdims=True)
+    return rows * lax.rsqrt(jnp.maximum(squared, eps * eps))
+
+
 def block_shape(
     num_queries: int,
     num_classes: int,
@@ -252,7 +269,7 @@ def _top_k_smallest(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return -neg_values, positions.astype(jnp.int32)
 
 
-def _augmented_classes(classes: jax.Array, start, cols: int, covered) -> jax.Array:
+def _augmented_classes(classes: jax.Array, start, cols: int, covered, normalize: bool) -> jax.Array:
     """Rows ``[−2e, ‖e‖²]`` of classes ``start .. start + cols``, built for one column block.
 
     Args:
@@ -262,11 +279,14 @@ def _augmented_classes(classes: jax.Array, start, cols: int, covered) -> jax.Arr
       covered: classes below this id are masked (they score ``_PAD_SCORE``): the last column
         block starts early so that it stays inside the table, and its overlap with the block
         before it must not be counted twice.
+      normalize: scale each class row to unit length first.
 
     Returns:
       float32 ``[cols, D + 1]``.
     """
     block = lax.dynamic_slice_in_dim(classes, start, cols)
+    if normalize:
+        block = unit_rows(block)
     norms = jnp.sum(block * block, axis=-1, keepdims=True)
     ids = start + lax.broadcasted_iota(jnp.int32, (cols, 1), 0)
     return jnp.concatenate([-2.0 * block, jnp.where(ids < covered, _PAD_SCORE, norms)], axis=1)
@@ -280,6 +300,7 @@ def _search_rows(
     cols: int,
     select: Callable,
     merge: Callable,
+    normalize: bool,
 ) -> jax.Array:
     """Ids of the k nearest classes for one block of query rows.
 
@@ -299,6 +320,8 @@ def _search_rows(
       select: ``select(scores [R, cols], k) -> (values [R, k], positions [R, k])``.
       merge: ``merge(values [R, m], ids [R, m], k) -> (values [R, k], ids [R, k])``, the k
         smallest of m, for the running result over column blocks.
+      normalize: scale each class row of a column block to unit length (``table`` is built
+        from unit rows already).
 
     Returns:
       int32 ``[R, k]``, ascending by distance.
@@ -312,7 +335,7 @@ def _search_rows(
     def add_block(best, block_index):
         covered = block_index * cols
         start = jnp.minimum(covered, num_classes - cols)
-        block = _augmented_classes(classes, start, cols, covered)
+        block = _augmented_classes(classes, start, cols, covered, normalize)
         values, positions = select(jnp.dot(augmented, block.T, precision=_HIGHEST), k)
         merged = merge(
             jnp.concatenate([best[0], values], axis=1),
@@ -352,6 +375,7 @@ def nearest_class_ids(
     exclude: jax.Array | None = None,
     max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
     method: str = "auto",
+    normalize_classes: bool = False,
 ) -> jax.Array:
     """Ids of the k nearest classes of each query (Euclidean), exact, without distances.
 
@@ -366,6 +390,9 @@ def nearest_class_ids(
         minima with one reduction per selection, on cache-sized blocks within the budget;
         fastest on CPU), ``"top_k"`` (``lax.top_k``, fastest on GPU and TPU) or ``"auto"`` (by
         the default backend). Both are exact.
+      normalize_classes: search against the rows of ``class_emb`` scaled to unit length
+        (``unit_rows``), scaled block by block so that no normalised copy of a table too large
+        for one block is held.
 
     Returns:
       int32 ``[..., k]``, nearest first.
@@ -421,6 +448,8 @@ def nearest_class_ids(
     if cols >= num_classes:  # one column block: pad the class axis to whole top-level groups
         cols = -(-num_classes // unit) * unit
         # Rows [−2e, ‖e‖²]; padding rows score _PAD_SCORE against every query.
+        if normalize_classes:
+            classes = unit_rows(classes)
         table = jnp.concatenate(
             [-2.0 * classes, jnp.sum(classes * classes, -1, keepdims=True)], axis=1
         )
@@ -434,7 +463,7 @@ def nearest_class_ids(
         # the block before it covered are dropped below.
         start = jnp.minimum(block_index * rows, num_queries - rows)
         block = lax.dynamic_slice_in_dim(flat, start, rows)
-        return _search_rows(block, classes, table, wanted, cols, select, merge)
+        return _search_rows(block, classes, table, wanted, cols, select, merge, normalize_classes)
 
     num_row_blocks = -(-num_queries // rows)
     if num_row_blocks == 1:

@@ -9,6 +9,7 @@ get an error that names the offending values.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -20,7 +21,11 @@ from jaxscaleseg.labels import IGNORE_INDEX
 
 # Pixels per chunk of the ESS loss; each chunk's k+1 gathered class rows are recomputed in the
 # backward pass instead of being stored for all pixels at once.
-_DEFAULT_PIXELS_PER_CHUNK = 16384
+_DEFAULT_PIXELS_PER_CHUNK = 8192
+# Classes per chunk of the separation loss (its gathered nearest rows, forward and backward).
+_CLASSES_PER_CHUNK = 8192
+# Lower bound on a class row's norm where rows are normalised (as models.l2_normalize).
+_EPS = 1e-12
 
 
 def _mean_over_valid(per_pixel: jax.Array, valid: jax.Array) -> jax.Array:
@@ -34,29 +39,326 @@ def _labels_in_range(labels: jax.Array, num_classes: int, ignore_index: int) -> 
     return jnp.all((labels == ignore_index) | ((labels >= 0) & (labels < num_classes)))
 
 
-def _ess_per_pixel(
-    pixel_emb: jax.Array,
-    targets: jax.Array,
-    neighbors: jax.Array,
-    class_emb: jax.Array,
-    temperature: float,
-) -> jax.Array:
-    """Cross-entropy of the target among {target} ∪ neighbours, per pixel.
+@dataclasses.dataclass(frozen=True)
+class _Terms:
+    """Static settings of :func:`_loss_sums` (hashable, so a ``custom_vjp`` nondiff argument)."""
+
+    temperature: float
+    margin: float
+    normalize: bool
+    pixels_per_chunk: int
+    classes_per_chunk: int
+    with_ess: bool
+    with_separation: bool
+
+
+def _read_rows(raw: jax.Array, normalize: bool) -> tuple[jax.Array, jax.Array | None]:
+    """Gathered table rows as the loss sees them, and what their gradient needs.
 
     Args:
-      pixel_emb: float32 ``[P, D]``.
-      targets: int32 ``[P]`` valid class ids.
-      neighbors: int32 ``[P, k]`` class ids (no gradient).
-      class_emb: float32 ``[C, D]``.
+      raw: float32 ``[..., D]`` rows of the table.
+      normalize: scale each row to unit length (its norm clamped at 1e-12, as
+        ``models.l2_normalize``).
+
+    Returns:
+      ``(rows, inverse_norms)``: ``rows`` float32 ``[..., D]``; ``inverse_norms`` float32
+      ``[..., 1]`` (``1 / max(‖raw‖, 1e-12)``) when normalising, else None.
+    """
+    if not normalize:
+        return raw, None
+    squared = jnp.sum(raw * raw, axis=-1, keepdims=True)
+    inverse_norms = lax.rsqrt(jnp.maximum(squared, _EPS * _EPS))
+    return raw * inverse_norms, inverse_norms
+
+
+def _raw_row_gradient(
+    rows: jax.Array, inverse_norms: jax.Array | None, grad: jax.Array
+) -> jax.Array:
+    """The gradient with respect to the raw rows, from that with respect to ``rows``.
+
+    ``d(r/‖r‖)ᵀg = (g − u ⟨u, g⟩) / ‖r‖`` with ``u = r/‖r‖``; where the norm is clamped the
+    scale is constant and the gradient is ``g / eps`` (as ``models.l2_normalize``).
+
+    Args:
+      rows: float32 ``[..., D]`` from :func:`_read_rows`.
+      inverse_norms: float32 ``[..., 1]`` from :func:`_read_rows`, None when not normalised.
+      grad: float32 ``[..., D]``.
+
+    Returns:
+      float32 ``[..., D]``.
+    """
+    if inverse_norms is None:
+        return grad
+    clamped = inverse_norms >= 1.0 / _EPS
+    along = jnp.where(clamped, 0.0, jnp.sum(rows * grad, axis=-1, keepdims=True))
+    return inverse_norms * (grad - rows * along)
+
+
+def _ess_chunk_sum(pixels, rows, valid, temperature):
+    """Sum over one chunk's valid pixels of the cross-entropy of the target among its rows.
+
+    Args:
+      pixels: float32 ``[P, D]``.
+      rows: float32 ``[P, k + 1, D]``, the target's row first, then the k neighbours'.
+      valid: bool ``[P]``.
       temperature: logits are ``-temperature * distance``.
 
     Returns:
-      float32 ``[P]``: ``logsumexp(logits) - logits[target]``.
+      float32 scalar: ``sum over valid p of logsumexp(logits_p) - logits_p[0]``.
     """
-    candidates = jnp.concatenate([targets[:, None], neighbors], axis=-1)  # [P, k+1]
-    distances = knn.pairwise_distance(pixel_emb[:, None, :], class_emb[candidates])
-    logits = -temperature * distances
-    return jax.nn.logsumexp(logits, axis=-1) - logits[:, 0]
+    logits = -temperature * knn.pairwise_distance(pixels[:, None, :], rows)
+    per_pixel = jax.nn.logsumexp(logits, axis=-1) - logits[:, 0]
+    return jnp.sum(jnp.where(valid, per_pixel, 0.0))
+
+
+def _hinge_chunk_sum(own, nearest, weights, margin):
+    """``sum_c weights_c · relu(margin − ‖own_c − nearest_c‖)`` over one chunk of classes.
+
+    Args:
+      own, nearest: float32 ``[R, D]``.
+      weights: float32 ``[R]`` (0 for rows another chunk already counted).
+      margin: m.
+
+    Returns:
+      float32 scalar.
+    """
+    return jnp.sum(weights * jax.nn.relu(margin - knn.pairwise_distance(own, nearest)))
+
+
+def _class_chunk(index, chunk, num_classes, nearest):
+    """Rows of class chunk ``index``: ``(start, own_ids [R], nearest_ids [R], weights [R])``.
+
+    The last chunk starts early so that it stays inside the table; its rows that the chunk
+    before it covered weigh 0.
+    """
+    covered = index * chunk
+    start = jnp.minimum(covered, num_classes - chunk)
+    own_ids = start + jnp.arange(chunk, dtype=jnp.int32)
+    weights = jnp.where(own_ids >= covered, 1.0, 0.0).astype(jnp.float32)
+    return start, own_ids, lax.dynamic_slice_in_dim(nearest, start, chunk), weights
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _loss_sums(pixels, targets, neighbors, valid, nearest, classes, terms):
+    """The sums behind the ESS loss and the separation loss, with one table gradient.
+
+    Forward: ``(Σ_valid ESS cross-entropy, Σ_c relu(m − ‖e_c − e_nearest[c]‖))`` over chunks of
+    pixels and of classes (the second is 0 unless ``terms.with_separation``). Backward: each
+    chunk is recomputed and differentiated on its own gathered rows, and the row gradients of
+    both terms are scattered into a single ``[C, D]`` table gradient, so that the step holds one
+    table-sized array for the loss where automatic differentiation would hold several (the
+    normalised table, its gradient, a second gradient for the regulariser).
+
+    Args:
+      pixels: float32 ``[n·P, D]`` (padded to whole chunks of P = ``terms.pixels_per_chunk``).
+      targets: int32 ``[n·P]``, each pixel's target class (any valid id where not ``valid``).
+      neighbors: int32 ``[n·P, k]``, its k nearest other classes.
+      valid: bool ``[n·P]``.
+      nearest: int32 ``[C]``, each class's nearest other class.
+      classes: float32 ``[C, D]``, unit rows, or any rows when ``terms.normalize``.
+      terms: the static settings.
+
+    Returns:
+      ``(ess_sum, separation_sum)``, float32 scalars.
+    """
+    return _loss_sums_fwd(pixels, targets, neighbors, valid, nearest, classes, terms)[0]
+
+
+def _pixel_chunks(pixels, targets, neighbors, valid, chunk):
+    """The pixel arrays cut into ``[n, P, ...]`` chunks."""
+    count = pixels.shape[0] // chunk
+    return (
+        pixels.reshape(count, chunk, pixels.shape[-1]),
+        targets.reshape(count, chunk),
+        neighbors.reshape(count, chunk, neighbors.shape[-1]),
+        valid.reshape(count, chunk),
+    )
+
+
+def _candidates(targets, neighbors):
+    """int32 ``[P, k + 1]``: the target first, then the neighbours."""
+    return jnp.concatenate([targets[:, None], neighbors], axis=-1)
+
+
+def _loss_sums_fwd(pixels, targets, neighbors, valid, nearest, classes, terms):
+    ess_sum = jnp.zeros((), jnp.float32)
+    if terms.with_ess:
+
+        def ess_step(total, xs):
+            chunk_pixels, chunk_targets, chunk_neighbors, chunk_valid = xs
+            rows, _ = _read_rows(
+                classes[_candidates(chunk_targets, chunk_neighbors)], terms.normalize
+            )
+            return total + _ess_chunk_sum(chunk_pixels, rows, chunk_valid, terms.temperature), None
+
+        chunks = _pixel_chunks(pixels, targets, neighbors, valid, terms.pixels_per_chunk)
+        ess_sum, _ = lax.scan(ess_step, ess_sum, chunks)
+    separation_sum = jnp.zeros((), jnp.float32)
+    if terms.with_separation:
+        num_classes = classes.shape[0]
+        chunk = terms.classes_per_chunk
+
+        def separation_step(index, total):
+            start, own_ids, nearest_ids, weights = _class_chunk(index, chunk, num_classes, nearest)
+            own, _ = _read_rows(classes[own_ids], terms.normalize)
+            other, _ = _read_rows(classes[nearest_ids], terms.normalize)
+            return total + _hinge_chunk_sum(own, other, weights, terms.margin)
+
+        separation_sum = lax.fori_loop(0, -(-num_classes // chunk), separation_step, separation_sum)
+    residuals = (pixels, targets, neighbors, valid, nearest, classes)
+    return (ess_sum, separation_sum), residuals
+
+
+def _loss_sums_bwd(terms, residuals, cotangents):
+    pixels, targets, neighbors, valid, nearest, classes = residuals
+    ess_cotangent, separation_cotangent = cotangents
+    table_grad = jnp.zeros_like(classes)
+    num_classes = classes.shape[0]
+
+    if terms.with_separation:
+        chunk = terms.classes_per_chunk
+
+        def separation_step(index, grad):
+            start, own_ids, nearest_ids, weights = _class_chunk(index, chunk, num_classes, nearest)
+
+            def hinge(own, other):
+                return _hinge_chunk_sum(own, other, weights, terms.margin)
+
+            own, own_inverse_norms = _read_rows(
+                lax.dynamic_slice_in_dim(classes, start, chunk), terms.normalize
+            )
+            other, other_inverse_norms = _read_rows(classes[nearest_ids], terms.normalize)
+            _, pullback = jax.vjp(hinge, own, other)
+            own_grad, other_grad = pullback(separation_cotangent)
+            own_grad = _raw_row_gradient(own, own_inverse_norms, own_grad)
+            other_grad = _raw_row_gradient(other, other_inverse_norms, other_grad)
+            grad = lax.dynamic_update_slice_in_dim(
+                grad, lax.dynamic_slice_in_dim(grad, start, chunk) + own_grad, start, 0
+            )
+            return grad.at[nearest_ids].add(other_grad)
+
+        table_grad = lax.fori_loop(0, -(-num_classes // chunk), separation_step, table_grad)
+
+    pixel_grad = jnp.zeros_like(pixels)
+    if terms.with_ess:
+
+        def ess_step(grad, xs):
+            chunk_pixels, chunk_targets, chunk_neighbors, chunk_valid = xs
+            chunk_candidates = _candidates(chunk_targets, chunk_neighbors)
+
+            def chunk_sum(chunk_pixels, rows):
+                return _ess_chunk_sum(chunk_pixels, rows, chunk_valid, terms.temperature)
+
+            rows, inverse_norms = _read_rows(classes[chunk_candidates], terms.normalize)
+            _, pullback = jax.vjp(chunk_sum, chunk_pixels, rows)
+            chunk_pixel_grad, rows_grad = pullback(ess_cotangent)
+            rows_grad = _raw_row_gradient(rows, inverse_norms, rows_grad)
+            return grad.at[chunk_candidates].add(rows_grad), chunk_pixel_grad
+
+        chunks = _pixel_chunks(pixels, targets, neighbors, valid, terms.pixels_per_chunk)
+        table_grad, pixel_grad = lax.scan(ess_step, table_grad, chunks)
+        pixel_grad = pixel_grad.reshape(pixels.shape)
+    return pixel_grad, None, None, None, None, table_grad
+
+
+_loss_sums.defvjp(_loss_sums_fwd, _loss_sums_bwd)
+
+
+def _check_table(class_emb: jax.Array, what: str) -> tuple[int, int]:
+    """``(C, D)`` of a class table, which must be ``[C, D]`` with C >= 2."""
+    if class_emb.ndim != 2:
+        raise ValueError(f"{what}: class_emb must be [C, D], got shape {class_emb.shape}")
+    num_classes, dim = class_emb.shape
+    if num_classes < 2:
+        raise ValueError(f"{what} needs at least 2 classes, got C={num_classes}")
+    return num_classes, dim
+
+
+def ess_objective(
+    pixel_emb: jax.Array,
+    labels: jax.Array,
+    class_emb: jax.Array,
+    *,
+    num_neighbors: int = 7,
+    temperature: float = 20.0,
+    margin: float = 0.2,
+    separation_weight: float = 1.0,
+    normalize_classes: bool = False,
+    ignore_index: int = IGNORE_INDEX,
+    max_block_bytes: int = knn.DEFAULT_MAX_BLOCK_BYTES,
+    pixels_per_chunk: int = _DEFAULT_PIXELS_PER_CHUNK,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The training objective ``ess_loss + separation_weight · separation_loss`` in one pass.
+
+    Same values and gradients as the two losses added up, but the backward pass scatters the
+    gradients of both into one ``[C, D]`` table gradient; with ``normalize_classes`` it also
+    takes the raw, learnable table and normalises the rows it reads (in the search blocks and
+    the gathered rows), so that no normalised copy of the table and no separate gradient of
+    one is ever held. At C = 100 000 that keeps the training step's table memory to the table,
+    its gradient and the optimiser state.
+
+    Args:
+      pixel_emb: ``[B, H, W, D]`` float32 or bfloat16 (computed in float32).
+      labels: int ``[B, H, W]`` class ids in ``[0, C)`` or ``ignore_index``.
+      class_emb: float ``[C, D]``: unit rows, or any rows with ``normalize_classes``.
+      num_neighbors, temperature, ignore_index, pixels_per_chunk: as in :func:`ess_loss`.
+      margin: as in :func:`separation_loss`.
+      separation_weight: weight of the separation term; 0 leaves it out.
+      normalize_classes: ``class_emb`` holds raw rows; each is scaled to unit length where it
+        is read (the gradient flows through that scaling, as through ``l2_normalize``).
+      max_block_bytes: memory budget of the nearest-class searches.
+
+    Returns:
+      ``(total, {"ess": ..., "separation": ...})``, float32 scalars.
+    """
+    num_classes, dim = _check_table(class_emb, "ess_objective")
+    if not 1 <= num_neighbors <= num_classes - 1:
+        raise ValueError(
+            f"num_neighbors={num_neighbors} must be between 1 and C-1={num_classes - 1}"
+        )
+    if pixel_emb.shape[:-1] != labels.shape or pixel_emb.shape[-1] != dim:
+        raise ValueError(f"pixel_emb {pixel_emb.shape} must be labels {labels.shape} + (D={dim},)")
+    pixels = jnp.asarray(pixel_emb, jnp.float32).reshape(-1, dim)
+    flat_labels = jnp.asarray(labels, jnp.int32).reshape(-1)
+    classes = jnp.asarray(class_emb, jnp.float32)
+    valid = (flat_labels != ignore_index) & (flat_labels >= 0) & (flat_labels < num_classes)
+    targets = jnp.where(valid, flat_labels, 0)
+    neighbors = knn.nearest_class_ids(
+        pixels,
+        classes,
+        num_neighbors,
+        exclude=targets,
+        max_block_bytes=max_block_bytes,
+        normalize_classes=normalize_classes,
+    )
+    num_pixels = pixels.shape[0]
+    chunk = max(1, min(pixels_per_chunk, num_pixels))
+    extra = -num_pixels % chunk
+    if extra:
+        pixels = jnp.pad(pixels, ((0, extra), (0, 0)))
+        targets = jnp.pad(targets, (0, extra))
+        neighbors = jnp.pad(neighbors, ((0, extra), (0, 0)))
+        valid = jnp.pad(valid, (0, extra))
+    with_separation = separation_weight != 0
+    nearest = (
+        _nearest_other_class(classes, max_block_bytes, normalize_classes)
+        if with_separation
+        else jnp.zeros((num_classes,), jnp.int32)
+    )
+    terms = _Terms(
+        temperature=float(temperature),
+        margin=float(margin),
+        normalize=bool(normalize_classes),
+        pixels_per_chunk=chunk,
+        classes_per_chunk=min(_CLASSES_PER_CHUNK, num_classes),
+        with_ess=True,
+        with_separation=with_separation,
+    )
+    ess_sum, separation_sum = _loss_sums(pixels, targets, neighbors, valid, nearest, classes, terms)
+    ess = ess_sum / jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
+    ess = jnp.where(_labels_in_range(flat_labels, num_classes, ignore_index), ess, jnp.nan)
+    separation = separation_sum / num_classes
+    return ess + separation_weight * separation, {"ess": ess, "separation": separation}
 
 
 def ess_loss(
@@ -82,7 +384,8 @@ def ess_loss(
     averaged over the pixels whose label is not ``ignore_index``. With
     ``num_neighbors = C - 1`` this is the full softmax cross-entropy over
     ``-T * distance``. Gradients reach ``pixel_emb`` and the gathered ``k + 1`` rows of
-    ``class_emb`` only; nothing of size pixels×C is ever held.
+    ``class_emb`` only; nothing of size pixels×C is ever held, and the backward pass
+    recomputes each chunk of ``pixels_per_chunk`` pixels instead of storing its gathered rows.
 
     Args:
       pixel_emb: ``[B, H, W, D]`` (any leading shape) float32 or bfloat16 pixel embeddings;
@@ -98,52 +401,32 @@ def ess_loss(
     Returns:
       float32 scalar; 0 when every pixel is ignored, NaN when a label is out of range.
     """
-    num_classes, dim = class_emb.shape
-    if num_classes < 2:
-        raise ValueError(f"ess_loss needs at least 2 classes, got C={num_classes}")
-    if not 1 <= num_neighbors <= num_classes - 1:
-        raise ValueError(
-            f"num_neighbors={num_neighbors} must be between 1 and C-1={num_classes - 1}"
-        )
-    if pixel_emb.shape[:-1] != labels.shape or pixel_emb.shape[-1] != dim:
-        raise ValueError(f"pixel_emb {pixel_emb.shape} must be labels {labels.shape} + (D={dim},)")
-    pixels = jnp.asarray(pixel_emb, jnp.float32).reshape(-1, dim)
-    flat_labels = jnp.asarray(labels, jnp.int32).reshape(-1)
-    classes = jnp.asarray(class_emb, jnp.float32)
-    valid = (flat_labels != ignore_index) & (flat_labels >= 0) & (flat_labels < num_classes)
-    targets = jnp.where(valid, flat_labels, 0)
-    neighbors = knn.nearest_class_ids(
-        pixels, classes, num_neighbors, exclude=targets, max_block_bytes=max_block_bytes
+    _check_table(class_emb, "ess_loss")
+    _, parts = ess_objective(
+        pixel_emb,
+        labels,
+        class_emb,
+        num_neighbors=num_neighbors,
+        temperature=temperature,
+        separation_weight=0.0,
+        ignore_index=ignore_index,
+        max_block_bytes=max_block_bytes,
+        pixels_per_chunk=pixels_per_chunk,
     )
+    return parts["ess"]
 
-    num_pixels = pixels.shape[0]
-    chunk = max(1, min(pixels_per_chunk, num_pixels))
-    extra = -num_pixels % chunk
-    if extra:
-        pixels = jnp.pad(pixels, ((0, extra), (0, 0)))
-        targets = jnp.pad(targets, (0, extra))
-        neighbors = jnp.pad(neighbors, ((0, extra), (0, 0)))
-        valid = jnp.pad(valid, (0, extra))
-    num_chunks = pixels.shape[0] // chunk
 
-    @jax.checkpoint
-    def chunk_loss(carry, xs):
-        chunk_pixels, chunk_targets, chunk_neighbors, chunk_valid = xs
-        per_pixel = _ess_per_pixel(
-            chunk_pixels, chunk_targets, chunk_neighbors, classes, temperature
-        )
-        return carry + jnp.sum(jnp.where(chunk_valid, per_pixel, 0.0)), None
-
-    xs = (
-        pixels.reshape(num_chunks, chunk, dim),
-        targets.reshape(num_chunks, chunk),
-        neighbors.reshape(num_chunks, chunk, num_neighbors),
-        valid.reshape(num_chunks, chunk),
-    )
-    total, _ = lax.scan(chunk_loss, jnp.zeros((), jnp.float32), xs)
-    loss = total / jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
-    in_range = _labels_in_range(flat_labels, num_classes, ignore_index)
-    return jnp.where(in_range, loss, jnp.nan)
+def _nearest_other_class(classes: jax.Array, max_block_bytes: int, normalize: bool) -> jax.Array:
+    """int32 ``[C]``: each class's nearest other class (bounded search, no gradient)."""
+    own_ids = jnp.arange(classes.shape[0], dtype=jnp.int32)
+    return knn.nearest_class_ids(
+        classes,
+        classes,
+        1,
+        exclude=own_ids,
+        max_block_bytes=max_block_bytes,
+        normalize_classes=normalize,
+    )[:, 0]
 
 
 def separation_loss(
@@ -158,7 +441,8 @@ def separation_loss(
         \frac{1}{C} \sum_c \max\bigl(0,\ m - \min_{c' \ne c} \lVert e_c - e_{c'} \rVert\bigr)
 
     The nearest other class is found with the bounded search (no C×C array); the gradient
-    flows through the distance to both rows.
+    flows through the distance to both rows, computed chunk by chunk (no second ``[C, D]``
+    array besides the gradient).
 
     Args:
       class_emb: float ``[C, D]``, C >= 2.
@@ -168,87 +452,29 @@ def separation_loss(
     Returns:
       float32 scalar.
     """
-    num_classes = class_emb.shape[0]
-    if num_classes < 2:
-        raise ValueError(f"separation_loss needs at least 2 classes, got C={num_classes}")
+    num_classes, dim = _check_table(class_emb, "separation_loss")
     classes = jnp.asarray(class_emb, jnp.float32)
-    own_ids = jnp.arange(num_classes, dtype=jnp.int32)
-    nearest = knn.nearest_class_ids(
-        classes, classes, 1, exclude=own_ids, max_block_bytes=max_block_bytes
-    )[:, 0]
-    return _hinge_to_nearest(classes, nearest, margin) / num_classes
-
-
-# Classes per step of the separation gradient's scatter to the nearest rows.
-_SCATTER_CHUNK = 8192
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _hinge_to_nearest(classes: jax.Array, nearest: jax.Array, margin: float) -> jax.Array:
-    """``sum_c relu(margin − ‖e_c − e_nearest[c]‖)`` with a lean hand-written gradient.
-
-    Automatic differentiation keeps the ``[C, D]`` differences (or the gathered rows) from
-    the forward pass to the backward pass and builds a second ``[C, D]`` array for the scatter
-    to the nearest rows. Here the backward pass keeps one scale per class, recomputes the
-    differences and scatters them in chunks, so at large C it holds the gradient alone.
-
-    Args:
-      classes: float32 ``[C, D]``.
-      nearest: int32 ``[C]`` (no gradient).
-      margin: m.
-
-    Returns:
-      float32 scalar.
-    """
-    return _hinge_to_nearest_fwd(classes, nearest, margin)[0]
-
-
-def _squared_norm(x: jax.Array) -> jax.Array:
-    """``sum(x², -1)`` as an elementwise chain (fuses with the producer of x; see
-    ``models.deeplabv3plus._dot_along``)."""
-    total = x[..., 0] * x[..., 0]
-    for i in range(1, x.shape[-1]):
-        total = total + x[..., i] * x[..., i]
-    return total
-
-
-def _hinge_to_nearest_fwd(classes, nearest, margin):
-    squared = _squared_norm(classes - classes[nearest])
-    distances = jnp.sqrt(jnp.maximum(squared, 1e-12))  # as knn.pairwise_distance
-    # d relu(m − d)/d diff = −diff/d where the margin is violated and the distance is not
-    # clamped (a zero gradient there, as for knn.pairwise_distance).
-    scale = jnp.where((distances < margin) & (squared > 1e-12), -1.0 / distances, 0.0)
-    return jnp.sum(jax.nn.relu(margin - distances)), (classes, nearest, scale)
-
-
-def _hinge_to_nearest_bwd(margin, residuals, g):
-    del margin
-    classes, nearest, scale = residuals
-    # A barrier keeps XLA from sharing the gather below with the forward pass's (which would
-    # keep a [C, D] array alive from one to the other).
-    nearest = lax.optimization_barrier(nearest)
-    weights = g * scale
-    grad = weights[:, None] * (classes - classes[nearest])
-    num_classes = classes.shape[0]
-    chunk = min(_SCATTER_CHUNK, num_classes)
-
-    def scatter_chunk(index, grad):
-        # The last chunk starts early to stay inside the table; rows already done weigh 0.
-        covered = index * chunk
-        start = jnp.minimum(covered, num_classes - chunk)
-        rows = start + jnp.arange(chunk)
-        chunk_weights = jnp.where(
-            rows >= covered, lax.dynamic_slice_in_dim(weights, start, chunk), 0
-        )
-        chunk_nearest = lax.dynamic_slice_in_dim(nearest, start, chunk)
-        diff = lax.dynamic_slice_in_dim(classes, start, chunk) - classes[chunk_nearest]
-        return grad.at[chunk_nearest].add(-chunk_weights[:, None] * diff)
-
-    grad = lax.fori_loop(0, -(-num_classes // chunk), scatter_chunk, grad)
-    return grad, None
-
-
-_hinge_to_nearest.defvjp(_hinge_to_nearest_fwd, _hinge_to_nearest_bwd)
+    terms = _Terms(
+        temperature=0.0,
+        margin=float(margin),
+        normalize=False,
+        pixels_per_chunk=1,
+        classes_per_chunk=min(_CLASSES_PER_CHUNK, num_classes),
+        with_ess=False,
+        with_separation=True,
+    )
+    nearest = _nearest_other_class(classes, max_block_bytes, False)
+    no_pixels = jnp.zeros((0, dim), jnp.float32)
+    _, separation_sum = _loss_sums(
+        no_pixels,
+        jnp.zeros((0,), jnp.int32),
+        jnp.zeros((0, 1), jnp.int32),
+        jnp.zeros((0,), bool),
+        nearest,
+        classes,
+        terms,
+    )
+    return separation_sum / num_classes
 
 
 def softmax_cross_entropy(

@@ -121,7 +121,10 @@ class LossSpec:
 
 
 def compute_loss(
-    outputs: Mapping[str, jax.Array], labels: jax.Array, spec: LossSpec
+    outputs: Mapping[str, jax.Array],
+    labels: jax.Array,
+    spec: LossSpec,
+    class_table: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The configured loss of one batch.
 
@@ -130,6 +133,10 @@ def compute_loss(
         [B, H, W, D], "class_embedding": [C, D]}``.
       labels: int32 ``[B, H, W]``, -1 ignored.
       spec: which loss and its settings.
+      class_table: optional float32 ``[C, D]``, the model's raw (unnormalised) class table;
+        when given, the ESS terms read it and normalise the rows they use, in place of
+        ``outputs["class_embedding"]`` (the same values and gradients, without a normalised
+        copy of the table or of its gradient: the training step passes it).
 
     Returns:
       ``(total, parts)``: float32 scalar and a dict of its named scalar terms.
@@ -137,18 +144,17 @@ def compute_loss(
     if spec.name == "softmax":
         ce = losses.softmax_cross_entropy(outputs["logits"], labels)
         return ce, {"cross_entropy": ce}
-    ess = losses.ess_loss(
+    return losses.ess_objective(
         outputs["pixel_embedding"],
         labels,
-        outputs["class_embedding"],
+        outputs["class_embedding"] if class_table is None else class_table,
         num_neighbors=spec.num_neighbors,
         temperature=spec.temperature,
+        margin=spec.margin,
+        separation_weight=spec.separation_weight,
+        normalize_classes=class_table is not None,
         max_block_bytes=spec.max_block_bytes,
     )
-    sep = losses.separation_loss(
-        outputs["class_embedding"], margin=spec.margin, max_block_bytes=spec.max_block_bytes
-    )
-    return ess + spec.separation_weight * sep, {"ess": ess, "separation": sep}
 
 
 def train_step(
@@ -177,7 +183,9 @@ def train_step(
             mutable=["batch_stats"],
             rngs={"dropout": rng},
         )
-        loss, parts = compute_loss(outputs, batch["label"], spec)
+        loss, parts = compute_loss(
+            outputs, batch["label"], spec, class_table=params.get("class_embedding")
+        )
         return loss, (parts, updates["batch_stats"])
 
     (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

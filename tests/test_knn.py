@@ -160,3 +160,24 @@ def test_selection_blocks_stay_within_the_budget():
             rows, cols = knn._selection_block_shape(131072, num_classes, budget)
             assert rows * cols * 8 <= budget
             assert cols == num_classes or rows <= 32
+
+
+@pytest.mark.parametrize("method", ["pyramid", "top_k"])
+@pytest.mark.parametrize("budget", [knn.DEFAULT_MAX_BLOCK_BYTES, 20_000])
+def test_search_on_raw_rows_normalises_them(maybe_jit, method, budget):
+    # Raw rows of norms 0.2..5: the search must rank the unit rows, one table or column blocks.
+    queries, unit, rng = random_embeddings(11, 300, 700, 8)
+    raw = unit * rng.uniform(0.2, 5.0, (700, 1)).astype(np.float32)
+    labels = rng.integers(0, 700, 300).astype(np.int32)
+
+    def search(q, e, x):
+        return knn.nearest_class_ids(
+            q, e, 5, exclude=x, max_block_bytes=budget, method=method, normalize_classes=True
+        )
+
+    ids = np.asarray(maybe_jit(search)(queries, raw, labels))
+    _, ref_ids = reference.nearest(queries, unit, 5, exclude=labels)
+    np.testing.assert_array_equal(ids, ref_ids)
+    # Unnormalised, the long rows would rank differently.
+    plain = np.asarray(knn.nearest_class_ids(queries, raw, 5, exclude=labels))
+    assert (plain != ref_ids).any()

@@ -7,7 +7,7 @@ import pytest
 import reference
 from test_knn import random_embeddings
 
-from jaxscaleseg import losses
+from jaxscaleseg import knn, losses
 from jaxscaleseg.labels import check_labels
 
 
@@ -204,9 +204,93 @@ def test_value_and_grad_memory_grows_less_than_the_class_table():
 def test_separation_gradient_scatter_in_chunks(monkeypatch):
     """The hand-written backward pass scatters in chunks; the last one overlaps the one before."""
     _, classes, _ = random_embeddings(14, 1, 300, 4)
-    monkeypatch.setattr(losses, "_SCATTER_CHUNK", 64)  # 300 = 4 chunks of 64 + an overlapping one
+    monkeypatch.setattr(
+        losses, "_CLASSES_PER_CHUNK", 64
+    )  # 300 = 4 chunks of 64 + an overlapping one
     loss, grad = jax.value_and_grad(lambda e: losses.separation_loss(e, margin=0.3))(classes)
     ref_loss, ref_grad = reference.separation_loss_and_grad(classes, 0.3)
     np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
     scale = np.abs(ref_grad).max()
     np.testing.assert_allclose(np.asarray(grad), ref_grad, rtol=1e-5, atol=1e-5 * scale)
+
+
+def objective_reference(pixels, labels, raw, k, temperature, margin, weight, normalize=True):
+    """float64 ESS + weight·separation on the unit rows of ``raw``, gradients by the chain rule
+    (through the normalisation when ``normalize``, else taking ``raw`` as the unit rows).
+
+    Returns ``(total, ess, separation, d/dpixels, d/draw)``.
+    """
+    raw = np.asarray(raw, np.float64)
+    norms = np.linalg.norm(raw, axis=-1, keepdims=True)
+    unit = raw / norms
+    ess, grad_pixels, grad_unit = reference.ess_loss_and_grads(pixels, labels, unit, k, temperature)
+    separation, grad_separation = reference.separation_loss_and_grad(unit, margin)
+    grad_unit = grad_unit + weight * grad_separation
+    if not normalize:
+        return ess + weight * separation, ess, separation, grad_pixels, grad_unit
+    along = (unit * grad_unit).sum(-1, keepdims=True)
+    grad_raw = (grad_unit - unit * along) / norms
+    return ess + weight * separation, ess, separation, grad_pixels, grad_raw
+
+
+@pytest.mark.parametrize(
+    "seed,num_classes,dim,k,margin,chunk,class_chunk,budget",
+    [
+        (20, 5, 4, 3, 1.5, 16384, 8192, knn.DEFAULT_MAX_BLOCK_BYTES),
+        (21, 150, 8, 7, 0.6, 64, 32, knn.DEFAULT_MAX_BLOCK_BYTES),
+        (22, 3000, 12, 7, 0.6, 100, 700, 40_000),
+    ],
+)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ess_objective_matches_reference(
+    maybe_jit, monkeypatch, seed, num_classes, dim, k, margin, chunk, class_chunk, budget, normalize
+):
+    """The one-pass objective (raw or unit table) against float64, in chunks and blocks."""
+    monkeypatch.setattr(losses, "_CLASSES_PER_CHUNK", class_chunk)
+    pixels, unit, rng = random_embeddings(seed, 300, num_classes, dim)
+    # Raw rows of norms 0.3..3 (the learnable table), or the unit rows themselves.
+    table = unit * rng.uniform(0.3, 3.0, (num_classes, 1)).astype(np.float32) if normalize else unit
+    labels = rng.integers(0, num_classes, 300).astype(np.int32)
+    near = rng.random(300) < 0.5
+    labels[near] = reference.nearest(pixels[near], unit, 1)[1][:, 0]
+    labels[rng.random(300) < 0.2] = -1
+    weight = 0.7
+
+    def objective(p, y, e):
+        return losses.ess_objective(
+            p,
+            y,
+            e,
+            num_neighbors=k,
+            margin=margin,
+            separation_weight=weight,
+            normalize_classes=normalize,
+            max_block_bytes=budget,
+            pixels_per_chunk=chunk,
+        )
+
+    fn = maybe_jit(jax.value_and_grad(objective, argnums=(0, 2), has_aux=True))
+    (total, parts), (grad_pixels, grad_table) = fn(
+        pixels.reshape(3, 100, dim), labels.reshape(3, 100), table
+    )
+    ref_total, ref_ess, ref_sep, ref_gp, ref_gt = objective_reference(
+        pixels, labels, table, k, 20.0, margin, weight, normalize
+    )
+    assert ref_sep > 0  # the margin is active
+    np.testing.assert_allclose(float(total), ref_total, rtol=1e-5)
+    np.testing.assert_allclose(float(parts["ess"]), ref_ess, rtol=1e-5)
+    np.testing.assert_allclose(float(parts["separation"]), ref_sep, rtol=1e-5)
+    scale = np.abs(ref_gp).max()
+    np.testing.assert_allclose(
+        np.asarray(grad_pixels).reshape(-1, dim), ref_gp, rtol=1e-5, atol=1e-5 * scale
+    )
+    scale = np.abs(ref_gt).max()
+    np.testing.assert_allclose(np.asarray(grad_table), ref_gt, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_ess_objective_without_separation_reports_zero():
+    pixels, classes, rng = random_embeddings(23, 64, 40, 6)
+    labels = rng.integers(0, 40, 64).astype(np.int32)
+    total, parts = losses.ess_objective(pixels, labels, classes, separation_weight=0.0)
+    assert float(parts["separation"]) == 0.0
+    np.testing.assert_allclose(float(total), float(losses.ess_loss(pixels, labels, classes)))

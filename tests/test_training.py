@@ -174,7 +174,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_ess_step_memory_grows_only_by_the_class_table():
-    """Compiled memory of the full MobileNetV2 ESS step: C = 100 000 vs C = 19."""
+    """Compiled memory of the full MobileNetV2 ESS step: C = 100 000 vs C = 19 (issues 6, 8)."""
 
     def step_bytes(num_classes):
         config = config_schema.base_config()
@@ -204,6 +204,9 @@ def test_ess_step_memory_grows_only_by_the_class_table():
     table = (100_000 - 19) * dim * 4  # float32 rows
     allowed = 3 * table + 16 * 2**20  # params + grads + momentum, plus 16 MB
     assert large - small <= allowed, (large - small, allowed)
+    # The scaling benchmark's CPU preset is this step: its peak at C = 100 000 must stay within
+    # 5 % of that at C = 19 (it was 6.2 % while the loss held a normalised copy of the table).
+    assert large <= 1.05 * small, (large / small, large, small)
 
 
 # ----------------------------------------------------------------------------- CLI
