@@ -109,10 +109,25 @@ def straightforward_objective(pixels, labels, classes, *, k, temperature=20.0, m
     return ess + separation
 
 
-def ess_objective(pixels, labels, classes, *, k, max_block_bytes=knn.DEFAULT_MAX_BLOCK_BYTES):
-    """``ess_loss + separation_loss`` as the library computes it."""
-    ess = losses.ess_loss(pixels, labels, classes, num_neighbors=k, max_block_bytes=max_block_bytes)
-    return ess + losses.separation_loss(classes, max_block_bytes=max_block_bytes)
+def ess_objective(
+    pixels,
+    labels,
+    classes,
+    *,
+    k,
+    max_block_bytes=knn.DEFAULT_MAX_BLOCK_BYTES,
+    table_gradient="auto",
+):
+    """``ess_loss + separation_loss`` as the library computes it (``losses.ess_objective``)."""
+    total, _ = losses.ess_objective(
+        pixels,
+        labels,
+        classes,
+        num_neighbors=k,
+        max_block_bytes=max_block_bytes,
+        table_gradient=table_gradient,
+    )
+    return total
 
 
 def random_inputs(preset: Preset, num_classes: int, seed: int = 0):
@@ -182,6 +197,7 @@ def measure(
     *,
     compare: bool,
     max_block_bytes: int = knn.DEFAULT_MAX_BLOCK_BYTES,
+    table_gradient: str = "auto",
 ) -> dict:
     """One table row: ESS (and optionally the straightforward search) and softmax at C."""
     pixels, labels, classes = random_inputs(preset, num_classes)
@@ -189,7 +205,12 @@ def measure(
     ess = jax.jit(
         jax.value_and_grad(
             lambda p, y, e: ess_objective(
-                p, y, e, k=preset.num_neighbors, max_block_bytes=max_block_bytes
+                p,
+                y,
+                e,
+                k=preset.num_neighbors,
+                max_block_bytes=max_block_bytes,
+                table_gradient=table_gradient,
             ),
             argnums=(0, 2),
         )
@@ -275,6 +296,12 @@ def main(argv: list[str] | None = None) -> None:
         default=knn.DEFAULT_MAX_BLOCK_BYTES / 2**20,
         help="block budget of the ESS search (MiB)",
     )
+    parser.add_argument(
+        "--table_gradient",
+        choices=losses.TABLE_GRADIENTS,
+        default="auto",
+        help="how row gradients reach the class table (losses.ess_objective)",
+    )
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     block = int(args.max_block_mb * 2**20)
@@ -284,7 +311,15 @@ def main(argv: list[str] | None = None) -> None:
     for num_classes in counts:
         start = time.perf_counter()
         compare = num_classes in preset.compare_counts
-        rows.append(measure(preset, num_classes, compare=compare, max_block_bytes=block))
+        rows.append(
+            measure(
+                preset,
+                num_classes,
+                compare=compare,
+                max_block_bytes=block,
+                table_gradient=args.table_gradient,
+            )
+        )
         print(f"  C = {num_classes:,} done in {time.perf_counter() - start:.0f} s", flush=True)
     print()
     print(format_table(preset, rows))

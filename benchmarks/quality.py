@@ -4,7 +4,7 @@
     python -m benchmarks.quality --preset gpu     # larger images, longer schedule
 
 For each class count C (150, 1 284 and 10 000 by default) and each head, it trains the demo's
-setup (``configs/synthetic.py``: the built-in synthetic dataset, the tiny DeepLabV3+, SGD with
+setup (``configs/synthetic.py``: the built-in synthetic dataset, the tiny DeepLabV3+, Adam with
 poly schedules) from scratch with the *same* data, batch, number of steps and seed, then reports
 the validation mIoU (exact evaluation on the whole validation split) and the training time.
 Only the head and its loss differ: ``softmax`` (C logits per pixel, cross-entropy) and ``ess``

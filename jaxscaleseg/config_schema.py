@@ -29,7 +29,8 @@ Sections:
 * ``loss``: ``name`` (``softmax`` or ``ess``), ``num_neighbors`` (k), ``temperature``,
   ``margin``, ``separation_weight``, ``max_block_bytes`` (memory budget of the nearest-class
   searches: the largest queries×classes block; 8 MiB keeps the step's growth with C within
-  the class table's own size plus a few MB).
+  the class table's own size plus a few MB), ``table_gradient`` (``auto``, ``scatter`` or
+  ``sorted``: how row gradients reach the class table, see ``losses.ess_objective``).
 * ``optim``: see :func:`jaxscaleseg.optim.make_optimizer`.
 """
 
@@ -40,6 +41,7 @@ from pathlib import Path
 
 import ml_collections
 
+from jaxscaleseg import losses
 from jaxscaleseg.models import BACKBONES, OUTPUT_STRIDES
 
 LOSSES = ("softmax", "ess")
@@ -111,6 +113,7 @@ def base_config() -> ml_collections.ConfigDict:
     loss.margin = 0.2
     loss.separation_weight = 1.0
     loss.max_block_bytes = 8 * 2**20
+    loss.table_gradient = "auto"
 
     o = c.optim = ml_collections.ConfigDict()
     o.name = "sgd"
@@ -236,6 +239,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"loss.num_neighbors must be in 1..num_classes-1={d.num_classes - 1}, "
             f"got {loss.num_neighbors}"
+        )
+    if loss.table_gradient not in losses.TABLE_GRADIENTS:
+        raise ConfigError(
+            f"loss.table_gradient must be one of {losses.TABLE_GRADIENTS}, "
+            f"got {loss.table_gradient!r}"
         )
     if loss.max_block_bytes < 2**16:
         raise ConfigError(f"loss.max_block_bytes must be >= 65536, got {loss.max_block_bytes}")

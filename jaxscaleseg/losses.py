@@ -50,6 +50,7 @@ class _Terms:
     classes_per_chunk: int
     with_ess: bool
     with_separation: bool
+    sorted_scatter: bool = False
 
 
 def _read_rows(raw: jax.Array, normalize: bool) -> tuple[jax.Array, jax.Array | None]:
@@ -92,6 +93,46 @@ def _raw_row_gradient(
     clamped = inverse_norms >= 1.0 / _EPS
     along = jnp.where(clamped, 0.0, jnp.sum(rows * grad, axis=-1, keepdims=True))
     return inverse_norms * (grad - rows * along)
+
+
+def _add_rows(table: jax.Array, ids: jax.Array, rows: jax.Array, presorted: bool) -> jax.Array:
+    """``table.at[ids].add(rows)``: the gradient of gathered rows into the table.
+
+    Many of the ids repeat (a chunk's pixels share a few classes). A plain scatter-add leaves
+    that to atomic additions; with ``presorted`` the rows are instead sorted by id and summed
+    per id with a segmented scan, so that the scatter writes each id once. Same sums up to the
+    order of the additions. (Meant for GPUs, where contended float atomics can be very slow:
+    jaxlib 0.10.2–0.11.0 compile them to compare-and-swap loops.)
+
+    Args:
+      table: float32 ``[C, D]``.
+      ids: int32 ``[...]`` valid row ids.
+      rows: float32 ``[..., D]``.
+      presorted: sum duplicates before scattering.
+
+    Returns:
+      float32 ``[C, D]``.
+    """
+    if not presorted:
+        return table.at[ids].add(rows)
+    dim = table.shape[-1]
+    flat_ids = ids.reshape(-1)
+    flat_rows = rows.reshape(-1, dim)
+    sorted_ids, order = lax.sort_key_val(flat_ids, jnp.arange(flat_ids.shape[0], dtype=jnp.int32))
+    sorted_rows = flat_rows[order]
+    starts = jnp.concatenate([jnp.ones((1,), bool), sorted_ids[1:] != sorted_ids[:-1]])
+
+    def combine(left, right):
+        left_start, left_sum = left
+        right_start, right_sum = right
+        return left_start | right_start, jnp.where(
+            right_start[..., None], right_sum, left_sum + right_sum
+        )
+
+    _, running = lax.associative_scan(combine, (starts, sorted_rows))
+    ends = jnp.concatenate([starts[1:], jnp.ones((1,), bool)])
+    targets = jnp.where(ends, sorted_ids, table.shape[0])  # out of range: dropped
+    return table.at[targets].add(running, mode="drop", unique_indices=True)
 
 
 def _ess_chunk_sum(pixels, rows, valid, temperature):
@@ -235,7 +276,7 @@ def _loss_sums_bwd(terms, residuals, cotangents):
             grad = lax.dynamic_update_slice_in_dim(
                 grad, lax.dynamic_slice_in_dim(grad, start, chunk) + own_grad, start, 0
             )
-            return grad.at[nearest_ids].add(other_grad)
+            return _add_rows(grad, nearest_ids, other_grad, terms.sorted_scatter)
 
         table_grad = lax.fori_loop(0, -(-num_classes // chunk), separation_step, table_grad)
 
@@ -253,7 +294,8 @@ def _loss_sums_bwd(terms, residuals, cotangents):
             _, pullback = jax.vjp(chunk_sum, chunk_pixels, rows)
             chunk_pixel_grad, rows_grad = pullback(ess_cotangent)
             rows_grad = _raw_row_gradient(rows, inverse_norms, rows_grad)
-            return grad.at[chunk_candidates].add(rows_grad), chunk_pixel_grad
+            grad = _add_rows(grad, chunk_candidates, rows_grad, terms.sorted_scatter)
+            return grad, chunk_pixel_grad
 
         chunks = _pixel_chunks(pixels, targets, neighbors, valid, terms.pixels_per_chunk)
         table_grad, pixel_grad = lax.scan(ess_step, table_grad, chunks)
@@ -262,6 +304,18 @@ def _loss_sums_bwd(terms, residuals, cotangents):
 
 
 _loss_sums.defvjp(_loss_sums_fwd, _loss_sums_bwd)
+
+
+TABLE_GRADIENTS = ("auto", "scatter", "sorted")
+
+
+def _sorted_scatter(table_gradient: str) -> bool:
+    """Whether the table gradient sums duplicate ids before scattering (see ``_add_rows``)."""
+    if table_gradient not in TABLE_GRADIENTS:
+        raise ValueError(f"table_gradient={table_gradient!r}; expected one of {TABLE_GRADIENTS}")
+    if table_gradient == "auto":
+        return jax.default_backend() == "gpu"
+    return table_gradient == "sorted"
 
 
 def _check_table(class_emb: jax.Array, what: str) -> tuple[int, int]:
@@ -287,6 +341,7 @@ def ess_objective(
     ignore_index: int = IGNORE_INDEX,
     max_block_bytes: int = knn.DEFAULT_MAX_BLOCK_BYTES,
     pixels_per_chunk: int = _DEFAULT_PIXELS_PER_CHUNK,
+    table_gradient: str = "auto",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The training objective ``ess_loss + separation_weight · separation_loss`` in one pass.
 
@@ -307,9 +362,13 @@ def ess_objective(
       normalize_classes: ``class_emb`` holds raw rows; each is scaled to unit length where it
         is read (the gradient flows through that scaling, as through ``l2_normalize``).
       max_block_bytes: memory budget of the nearest-class searches.
+      table_gradient: how row gradients reach the table: ``"scatter"`` (a scatter-add; CPU),
+        ``"sorted"`` (rows summed per class id after a sort, then written once per id; see
+        ``_add_rows``) or ``"auto"`` (sorted on GPUs, scatter elsewhere).
 
     Returns:
-      ``(total, {"ess": ..., "separation": ...})``, float32 scalars.
+      ``(total, {"ess": ..., "separation": ...})``, float32 scalars; ``separation`` is 0 when
+      ``separation_weight`` is 0 (it is not computed).
     """
     num_classes, dim = _check_table(class_emb, "ess_objective")
     if not 1 <= num_neighbors <= num_classes - 1:
@@ -353,6 +412,7 @@ def ess_objective(
         classes_per_chunk=min(_CLASSES_PER_CHUNK, num_classes),
         with_ess=True,
         with_separation=with_separation,
+        sorted_scatter=_sorted_scatter(table_gradient),
     )
     ess_sum, separation_sum = _loss_sums(pixels, targets, neighbors, valid, nearest, classes, terms)
     ess = ess_sum / jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
@@ -462,6 +522,7 @@ def separation_loss(
         classes_per_chunk=min(_CLASSES_PER_CHUNK, num_classes),
         with_ess=False,
         with_separation=True,
+        sorted_scatter=_sorted_scatter("auto"),
     )
     nearest = _nearest_other_class(classes, max_block_bytes, False)
     no_pixels = jnp.zeros((0, dim), jnp.float32)

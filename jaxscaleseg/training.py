@@ -98,6 +98,7 @@ class LossSpec:
       separation_weight: weight of ``separation_loss``.
       max_block_bytes: memory budget of the nearest-class searches (the largest
         queries×classes block held at once).
+      table_gradient: how row gradients reach the class table (``losses.ess_objective``).
     """
 
     name: str = "ess"
@@ -106,6 +107,7 @@ class LossSpec:
     margin: float = 0.2
     separation_weight: float = 1.0
     max_block_bytes: int = 8 * 2**20
+    table_gradient: str = "auto"
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> LossSpec:
@@ -117,6 +119,7 @@ class LossSpec:
             margin=float(config.margin),
             separation_weight=float(config.separation_weight),
             max_block_bytes=int(config.max_block_bytes),
+            table_gradient=str(config.get("table_gradient", "auto")),
         )
 
 
@@ -154,6 +157,7 @@ def compute_loss(
         separation_weight=spec.separation_weight,
         normalize_classes=class_table is not None,
         max_block_bytes=spec.max_block_bytes,
+        table_gradient=spec.table_gradient,
     )
 
 

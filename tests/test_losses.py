@@ -294,3 +294,57 @@ def test_ess_objective_without_separation_reports_zero():
     total, parts = losses.ess_objective(pixels, labels, classes, separation_weight=0.0)
     assert float(parts["separation"]) == 0.0
     np.testing.assert_allclose(float(total), float(losses.ess_loss(pixels, labels, classes)))
+
+
+@pytest.mark.parametrize("num_classes", [5, 19, 150])
+def test_sorted_table_gradient_matches_reference(maybe_jit, num_classes):
+    """The GPU path (rows summed per id after a sort) gives the float64 sums, duplicates and all."""
+    pixels, unit, rng = random_embeddings(30 + num_classes, 500, num_classes, 6)
+    raw = unit * rng.uniform(0.5, 2.0, (num_classes, 1)).astype(np.float32)
+    labels = rng.integers(-1, num_classes, 500).astype(np.int32)
+    k = min(4, num_classes - 1)
+
+    def objective(p, y, e):
+        return losses.ess_objective(
+            p,
+            y,
+            e,
+            num_neighbors=k,
+            margin=1.5,
+            normalize_classes=True,
+            pixels_per_chunk=128,
+            table_gradient="sorted",
+        )[0]
+
+    loss, (grad_pixels, grad_table) = maybe_jit(jax.value_and_grad(objective, argnums=(0, 2)))(
+        pixels, labels, raw
+    )
+    ref_total, _, _, ref_gp, ref_gt = objective_reference(pixels, labels, raw, k, 20.0, 1.5, 1.0)
+    np.testing.assert_allclose(float(loss), ref_total, rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(grad_pixels), ref_gp, rtol=1e-5, atol=1e-5 * np.abs(ref_gp).max()
+    )
+    np.testing.assert_allclose(
+        np.asarray(grad_table), ref_gt, rtol=1e-5, atol=1e-5 * np.abs(ref_gt).max()
+    )
+
+
+def test_add_rows_sums_duplicates_like_a_scatter():
+    rng = np.random.default_rng(40)
+    table = rng.normal(size=(7, 3)).astype(np.float32)
+    ids = rng.integers(0, 7, (50, 4)).astype(np.int32)  # every id many times, some never
+    ids[ids == 3] = 2
+    rows = rng.normal(size=(50, 4, 3)).astype(np.float32)
+    expected = table.astype(np.float64)
+    np.add.at(expected, ids, rows)
+    for presorted in (False, True):
+        out = jax.jit(losses._add_rows, static_argnums=3)(table, ids, rows, presorted)
+        np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_table_gradient_is_named():
+    pixels, classes, _ = random_embeddings(41, 8, 5, 3)
+    with pytest.raises(ValueError, match="table_gradient='atomic'"):
+        losses.ess_objective(
+            pixels, np.zeros(8, np.int32), classes, num_neighbors=2, table_gradient="atomic"
+        )
