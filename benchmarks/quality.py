@@ -1,6 +1,6 @@
 """Accuracy at many classes: ESS beside the softmax baseline, trained for the same budget.
 
-    python -m benchmarks.quality --preset cpu     # this 2-core machine, about 30 minutes
+    python -m benchmarks.quality --preset cpu     # this 2-core machine, about 26 minutes
     python -m benchmarks.quality --preset gpu     # larger images, longer schedule
 
 For each class count C (150, 1 284 and 10 000 by default) and each head, it trains the demo's
