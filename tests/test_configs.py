@@ -76,18 +76,21 @@ def test_known_paper_settings():
 
 
 @pytest.mark.slow
-def test_every_smoke_variant_trains_two_steps(tmp_path):
-    """Each config's smoke variant, 2 steps end to end (synthetic data for absent archives)."""
-    for path in CONFIG_FILES:
-        config = _load(path, "smoke")
-        if config.dataset.name != "synthetic":
-            config.dataset.name = "synthetic"  # the archives are not available here
-        config.dataset.synthetic.image_size = (48, 48)
-        config.dataset.crop_size = (32, 32)
-        config.dataset.eval_crop_size = (48, 48)
-        config.num_train_steps = 2
-        result = training.train_and_evaluate(config, tmp_path / path.stem)
-        assert result["step"] == 2, path.name
-        assert 0.0 <= result["eval"]["mIoU"] <= 1.0, path.name
-        records = training.read_metrics(tmp_path / path.stem)
-        assert [r["step"] for r in records if "train_loss" in r] == [1, 2], path.name
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=CONFIG_NAMES)
+def test_every_smoke_variant_trains_two_steps(tmp_path, path):
+    """Each config's smoke variant, 2 steps end to end (synthetic data for absent archives).
+
+    One test per config, so that parallel workers share them.
+    """
+    config = _load(path, "smoke")
+    if config.dataset.name != "synthetic":
+        config.dataset.name = "synthetic"  # the archives are not available here
+    config.dataset.synthetic.image_size = (48, 48)
+    config.dataset.crop_size = (32, 32)
+    config.dataset.eval_crop_size = (48, 48)
+    config.num_train_steps = 2
+    result = training.train_and_evaluate(config, tmp_path / path.stem)
+    assert result["step"] == 2, path.name
+    assert 0.0 <= result["eval"]["mIoU"] <= 1.0, path.name
+    records = training.read_metrics(tmp_path / path.stem)
+    assert [r["step"] for r in records if "train_loss" in r] == [1, 2], path.name
