@@ -49,21 +49,36 @@ _MAX_REDUCE_K = 16
 _PAD_SCORE = 1e30
 
 
-def unit_rows(rows: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """``rows / max(‖rows‖, eps)`` along the last axis (as ``models.l2_normalize``).
+# Lower bound on a row's norm where rows are normalised (as ``models.l2_normalize``).
+NORM_EPS = 1e-12
+
+
+def inverse_norms(rows: jax.Array) -> jax.Array:
+    """``1 / max(‖rows‖, NORM_EPS)`` along the last axis, kept (size 1).
+
+    Args:
+      rows: float32 ``[..., D]``.
+
+    Returns:
+      float32 ``[..., 1]``.
+    """
+    squared = jnp.sum(rows * rows, axis=-1, keepdims=True)
+    return lax.rsqrt(jnp.maximum(squared, NORM_EPS * NORM_EPS))
+
+
+def unit_rows(rows: jax.Array) -> jax.Array:
+    """``rows / max(‖rows‖, NORM_EPS)`` along the last axis (as ``models.l2_normalize``).
 
     Plain automatic differentiation: meant for the few rows a block or chunk reads, not for a
     whole table (see ``models.l2_normalize`` for that).
 
     Args:
       rows: float32 ``[..., D]``.
-      eps: lower bound on the norm (zero rows stay zero).
 
     Returns:
       float32 ``[..., D]``.
     """
-    squared = jnp.sum(rows * rows, axis=-1, keepdims=True)
-    return rows * lax.rsqrt(jnp.maximum(squared, eps * eps))
+    return rows * inverse_norms(rows)
 
 
 def block_shape(

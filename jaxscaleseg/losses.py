@@ -24,8 +24,6 @@ from jaxscaleseg.labels import IGNORE_INDEX
 _DEFAULT_PIXELS_PER_CHUNK = 8192
 # Classes per chunk of the separation loss (its gathered nearest rows, forward and backward).
 _CLASSES_PER_CHUNK = 8192
-# Lower bound on a class row's norm where rows are normalised (as models.l2_normalize).
-_EPS = 1e-12
 
 
 def _mean_over_valid(per_pixel: jax.Array, valid: jax.Array) -> jax.Array:
@@ -67,9 +65,8 @@ def _read_rows(raw: jax.Array, normalize: bool) -> tuple[jax.Array, jax.Array | 
     """
     if not normalize:
         return raw, None
-    squared = jnp.sum(raw * raw, axis=-1, keepdims=True)
-    inverse_norms = lax.rsqrt(jnp.maximum(squared, _EPS * _EPS))
-    return raw * inverse_norms, inverse_norms
+    scales = knn.inverse_norms(raw)
+    return raw * scales, scales
 
 
 def _raw_row_gradient(
@@ -90,7 +87,7 @@ def _raw_row_gradient(
     """
     if inverse_norms is None:
         return grad
-    clamped = inverse_norms >= 1.0 / _EPS
+    clamped = inverse_norms >= 1.0 / knn.NORM_EPS
     along = jnp.where(clamped, 0.0, jnp.sum(rows * grad, axis=-1, keepdims=True))
     return inverse_norms * (grad - rows * along)
 

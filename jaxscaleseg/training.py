@@ -119,7 +119,7 @@ class LossSpec:
             margin=float(config.margin),
             separation_weight=float(config.separation_weight),
             max_block_bytes=int(config.max_block_bytes),
-            table_gradient=str(config.get("table_gradient", "auto")),
+            table_gradient=config.table_gradient,
         )
 
 
