@@ -304,6 +304,27 @@ _loss_sums.defvjp(_loss_sums_fwd, _loss_sums_bwd)
 
 
 TABLE_GRADIENTS = ("auto", "scatter", "sorted")
+# How each pixel's k negatives are chosen (``ess_objective``'s ``negatives``).
+NEGATIVE_RULES = ("nearest_other", "original")
+
+
+def original_rule_negatives(neighbors: jax.Array, targets: jax.Array) -> jax.Array:
+    """The original code's negatives: a neighbour equal to the target becomes class target − 1.
+
+    ``neighbors`` are the k nearest classes found with the target included in the search.
+    Where one equals the target it is replaced by ``target − 1``, or, for class 0, by 0: the
+    target itself then enters the softmax twice. Duplicates are kept (``target − 1`` may
+    already be a neighbour).
+
+    Args:
+      neighbors: int32 ``[P, k]``.
+      targets: int32 ``[P]``.
+
+    Returns:
+      int32 ``[P, k]``.
+    """
+    column = targets[:, None]
+    return jnp.where(neighbors == column, jnp.maximum(column - 1, 0), neighbors)
 
 
 def _sorted_scatter(table_gradient: str) -> bool:
@@ -339,6 +360,7 @@ def ess_objective(
     max_block_bytes: int = knn.DEFAULT_MAX_BLOCK_BYTES,
     pixels_per_chunk: int = _DEFAULT_PIXELS_PER_CHUNK,
     table_gradient: str = "auto",
+    negatives: str = "nearest_other",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The training objective ``ess_loss + separation_weight · separation_loss`` in one pass.
 
@@ -362,6 +384,9 @@ def ess_objective(
       table_gradient: how row gradients reach the table: ``"scatter"`` (a scatter-add; CPU),
         ``"sorted"`` (rows summed per class id after a sort, then written once per id; see
         ``_add_rows``) or ``"auto"`` (sorted on GPUs, scatter elsewhere).
+      negatives: ``"nearest_other"`` (the paper: the k nearest classes other than the target)
+        or ``"original"`` (the original code: the k nearest classes, a target among them
+        replaced as in :func:`original_rule_negatives`).
 
     Returns:
       ``(total, {"ess": ..., "separation": ...})``, float32 scalars; ``separation`` is 0 when
@@ -379,14 +404,19 @@ def ess_objective(
     classes = jnp.asarray(class_emb, jnp.float32)
     valid = (flat_labels != ignore_index) & (flat_labels >= 0) & (flat_labels < num_classes)
     targets = jnp.where(valid, flat_labels, 0)
+    if negatives not in NEGATIVE_RULES:
+        raise ValueError(f"negatives={negatives!r}; expected one of {NEGATIVE_RULES}")
+    original = negatives == "original"
     neighbors = knn.nearest_class_ids(
         pixels,
         classes,
         num_neighbors,
-        exclude=targets,
+        exclude=None if original else targets,
         max_block_bytes=max_block_bytes,
         normalize_classes=normalize_classes,
     )
+    if original:
+        neighbors = original_rule_negatives(neighbors, targets)
     num_pixels = pixels.shape[0]
     chunk = max(1, min(pixels_per_chunk, num_pixels))
     extra = -num_pixels % chunk
@@ -428,6 +458,7 @@ def ess_loss(
     ignore_index: int = IGNORE_INDEX,
     max_block_bytes: int = knn.DEFAULT_MAX_BLOCK_BYTES,
     pixels_per_chunk: int = _DEFAULT_PIXELS_PER_CHUNK,
+    negatives: str = "nearest_other",
 ) -> jax.Array:
     r"""Embedding-based approximate cross-entropy (ESS, Jain et al. 2021, eq. 4).
 
@@ -454,6 +485,8 @@ def ess_loss(
       ignore_index: label value of pixels that do not count.
       max_block_bytes: memory budget of the nearest-class search.
       pixels_per_chunk: pixels per rematerialised chunk of the loss.
+      negatives: ``"nearest_other"`` (K above) or ``"original"`` (the original code's rule,
+        see :func:`original_rule_negatives`).
 
     Returns:
       float32 scalar; 0 when every pixel is ignored, NaN when a label is out of range.
@@ -469,6 +502,7 @@ def ess_loss(
         ignore_index=ignore_index,
         max_block_bytes=max_block_bytes,
         pixels_per_chunk=pixels_per_chunk,
+        negatives=negatives,
     )
     return parts["ess"]
 

@@ -21,8 +21,16 @@ def nearest(queries, classes, k, exclude=None):
     return np.take_along_axis(d, ids, axis=-1), ids
 
 
-def ess_loss_and_grads(pixels, labels, classes, k, temperature, ignore_index=-1):
-    """ESS loss over pixels [N, D] with labels [N]; returns (loss, d/dpixels, d/dclasses)."""
+def ess_loss_and_grads(
+    pixels, labels, classes, k, temperature, ignore_index=-1, negatives="nearest_other"
+):
+    """ESS loss over pixels [N, D] with labels [N]; returns (loss, d/dpixels, d/dclasses).
+
+    ``negatives="nearest_other"``: the k nearest classes other than the target;
+    ``"original"``: the k nearest classes, where one equal to the target y is replaced by
+    y - 1 (by 0 when y = 0, so that the target enters the softmax twice), written out pixel by
+    pixel as the original code's rule reads.
+    """
     p = np.asarray(pixels, np.float64)
     e = np.asarray(classes, np.float64)
     labels = np.asarray(labels)
@@ -34,7 +42,14 @@ def ess_loss_and_grads(pixels, labels, classes, k, temperature, ignore_index=-1)
         return 0.0, grad_p, grad_e
     idx = np.flatnonzero(valid)
     y = labels[idx]
-    _, neighbors = nearest(p[idx], e, k, exclude=y)
+    if negatives == "original":
+        _, neighbors = nearest(p[idx], e, k)
+        for row, target in enumerate(y):
+            for col in range(k):
+                if neighbors[row, col] == target:
+                    neighbors[row, col] = max(target - 1, 0)
+    else:
+        _, neighbors = nearest(p[idx], e, k, exclude=y)
     candidates = np.concatenate([y[:, None], neighbors], axis=1)  # [M, k+1]
     diff = p[idx][:, None, :] - e[candidates]  # [M, k+1, D]
     d = np.sqrt((diff**2).sum(-1))

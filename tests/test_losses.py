@@ -75,6 +75,53 @@ def test_ess_loss_and_gradients_match_reference(
     assert (np.abs(np.asarray(grad_classes))[~used] == 0).all()
 
 
+@pytest.mark.parametrize("seed,num_classes,dim,k,chunk", [(8, 6, 4, 3, 64), (9, 40, 8, 7, 4096)])
+def test_original_negative_rule_matches_reference(maybe_jit, seed, num_classes, dim, k, chunk):
+    """``negatives="original"``: the target among the k nearest becomes target − 1 (0 twice)."""
+    pixels, classes, rng = random_embeddings(seed, 240, num_classes, dim)
+    labels = rng.integers(0, num_classes, 240)
+    nearest_class = reference.nearest(pixels, classes, 1)[1][:, 0]
+    near = rng.random(240) < 0.6
+    labels[near] = nearest_class[near]
+    # Class 0 as a target inside its pixel's k nearest: the case where it enters twice.
+    zero_pixels = np.flatnonzero(nearest_class == 0)[:10]
+    labels[zero_pixels] = 0
+    labels[rng.random(240) < 0.1] = -1
+    _, ref_neighbors = reference.nearest(pixels, classes, k)
+    inside = (ref_neighbors == labels[:, None]).any(-1) & (labels >= 0)
+    assert inside.any() and (inside & (labels == 0)).any() and (inside & (labels > 0)).any()
+
+    fn = maybe_jit(ess_and_grads(k, 20.0, pixels_per_chunk=chunk, negatives="original"))
+    loss, (grad_pixels, grad_classes) = fn(pixels, labels.astype(np.int32), classes)
+    ref_loss, ref_gp, ref_gc = reference.ess_loss_and_grads(
+        pixels, labels, classes, k, 20.0, negatives="original"
+    )
+    # float32 against float64: sums of a few hundred terms of size ~1 keep ~1e-6 relative.
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
+    scale = np.abs(ref_gp).max()
+    np.testing.assert_allclose(np.asarray(grad_pixels), ref_gp, rtol=1e-5, atol=1e-5 * scale)
+    scale = np.abs(ref_gc).max()
+    np.testing.assert_allclose(np.asarray(grad_classes), ref_gc, rtol=1e-5, atol=1e-5 * scale)
+    # The rules differ exactly where a target is among its pixel's k nearest classes.
+    ours, _, _ = reference.ess_loss_and_grads(pixels, labels, classes, k, 20.0)
+    assert abs(ours - ref_loss) > 1e-3
+
+
+def test_original_rule_replaces_the_target_only():
+    neighbors = jnp.asarray([[3, 1, 2], [0, 4, 5], [6, 7, 8]], jnp.int32)
+    targets = jnp.asarray([1, 0, 9], jnp.int32)
+    out = losses.original_rule_negatives(neighbors, targets)
+    np.testing.assert_array_equal(np.asarray(out), [[3, 0, 2], [0, 4, 5], [6, 7, 8]])
+
+
+def test_unknown_negative_rule_is_named():
+    with pytest.raises(ValueError, match="negatives='nearest'"):
+        losses.ess_objective(
+            jnp.zeros((1, 2, 2, 3)), jnp.zeros((1, 2, 2), jnp.int32), jnp.eye(4, 3),
+            num_neighbors=2, negatives="nearest",
+        )  # fmt: skip
+
+
 @pytest.mark.parametrize("seed,num_classes", [(5, 5), (6, 12), (7, 40)])
 def test_all_neighbors_is_the_full_softmax(maybe_jit, seed, num_classes):
     pixels, classes, rng = random_embeddings(seed, 120, num_classes, 6)
