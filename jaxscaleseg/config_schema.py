@@ -16,7 +16,10 @@ Sections:
   ``repeat_factor_threshold`` (0: off), ``worker_count``, evaluation sizes
   (``eval_crop_size``/``eval_pad_to``, empty: full resolution), ``eval_batch_size``,
   ``max_eval_examples`` (0: all) and the ``synthetic`` source's ``image_size``,
-  ``train_examples``, ``eval_examples``, ``seed``.
+  ``train_examples``, ``eval_examples``, ``seed``, ``zipf_exponent`` (0: every class equally
+  frequent; s > 0: long-tailed, Zipf's law with exponent s) and ``family_size`` (1: no
+  look-alikes; F > 1: families of F classes that differ only in the stripe angle), see
+  :mod:`jaxscaleseg.data.synthetic`.
 * ``model``: ``backbone``, ``output_stride``, ``embedding_dim`` (D), ``separable``,
   ``bn_momentum`` (flax decay), ``dtype``, ``pretrained`` (path of converted ImageNet weights),
   ``tiny_width`` (first-layer width of the ``tiny`` backbone; 8 is ``build_model``'s net,
@@ -42,6 +45,7 @@ from pathlib import Path
 import ml_collections
 
 from jaxscaleseg import losses
+from jaxscaleseg.data import synthetic
 from jaxscaleseg.models import BACKBONES, OUTPUT_STRIDES
 
 LOSSES = ("softmax", "ess")
@@ -92,6 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
     d.synthetic.train_examples = 2000
     d.synthetic.eval_examples = 200
     d.synthetic.seed = 0
+    d.synthetic.zipf_exponent = 0.0
+    d.synthetic.family_size = 1
 
     m = c.model = ml_collections.ConfigDict()
     m.backbone = "mobilenet_v2"
@@ -212,6 +218,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _pair(d.synthetic.image_size, "dataset.synthetic.image_size", allow_empty=False)
     if len(d.scale_range) != 2 or not 0 < d.scale_range[0] <= d.scale_range[1]:
         raise ConfigError(f"dataset.scale_range must be 0 < min <= max, got {d.scale_range}")
+    if not d.synthetic.zipf_exponent >= 0:
+        raise ConfigError(
+            f"dataset.synthetic.zipf_exponent must be >= 0, got {d.synthetic.zipf_exponent}"
+        )
+    if not 1 <= d.synthetic.family_size <= synthetic.MAX_FAMILY_SIZE:
+        raise ConfigError(
+            f"dataset.synthetic.family_size must be in 1..{synthetic.MAX_FAMILY_SIZE}, "
+            f"got {d.synthetic.family_size}"
+        )
+    if d.name == "synthetic" and d.num_classes > synthetic.max_classes(d.synthetic.family_size):
+        raise ConfigError(
+            f"dataset.num_classes must be <= {synthetic.max_classes(d.synthetic.family_size)} "
+            f"for the synthetic set with family_size={d.synthetic.family_size}, "
+            f"got {d.num_classes}"
+        )
     if d.eval_batch_size < 1:
         raise ConfigError(f"dataset.eval_batch_size must be >= 1, got {d.eval_batch_size}")
     if m.backbone not in BACKBONES:

@@ -445,6 +445,8 @@ def _synthetic_sources(config: ml_collections.ConfigDict):
         config.dataset.num_classes,
         tuple(s.image_size),
         seed=s.seed,
+        zipf_exponent=s.zipf_exponent,
+        family_size=s.family_size,
     )
     return make(num_examples=s.train_examples, split="train"), make(
         num_examples=s.eval_examples, split="validation"

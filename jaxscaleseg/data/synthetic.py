@@ -15,6 +15,21 @@ That is ``216 * 215 / 2 * 8 = 185_760`` distinct signatures; classes take the fi
 differ in colour or texture. Locally (a patch of about one period) the class is identifiable,
 which a small CNN can learn even with thousands of classes.
 
+By default every class is equally frequent and no two classes look alike. Two options make the
+set harder in the ways large label spaces are (both off by default, which keeps every example
+above unchanged):
+
+* ``family_size = F > 1``: look-alike families. Classes ``F*f ... F*f + F - 1`` form family
+  ``f``; its members share both colours and the stripe period and differ only in the stripe
+  angle (member ``j`` at ``j * 180 / F`` degrees), so a class's nearest neighbours in
+  appearance are its family (see :func:`class_appearance`).
+* ``zipf_exponent = s > 0``: long-tailed class frequencies. The class of rank ``r``
+  (``1..C``, a permutation of the ids fixed by the data seed, the same for every split) gets a
+  share ``r**-s / sum_q q**-s`` of the split's regions, rounded to whole regions with at least
+  one region per class when the split has at least ``C`` regions; so at ``s = 1``, 4 000
+  training images and 1 284 classes the rarest classes are in two images and the most
+  frequent in about a thousand (see ``SyntheticSegmentation.region_quota``).
+
 Records have the same format as a prepared TFDS dataset read with ``tfds.data_source``:
 ``{"image": uint8 [H, W, 3], "label": [H, W], "file_name": str}``. Labels are uint16 with void
 stored as ``STORED_VOID`` (65535) when ``num_classes <= 65535``; above that they are int32 with
@@ -38,13 +53,24 @@ _NUM_TEXTURES = len(STRIPE_ANGLES_DEG) * len(STRIPE_PERIODS_PX)
 _NUM_PAIRS = _NUM_COLORS * (_NUM_COLORS - 1) // 2
 MAX_CLASSES = _NUM_PAIRS * _NUM_TEXTURES
 _APPEARANCE_SEED = 20210101  # fixed: the class -> appearance map never depends on a data seed
+MAX_FAMILY_SIZE = 8  # members 180/8 = 22.5 degrees apart: still distinct at a 6 px period
+_NUM_FAMILY_CODES = _NUM_PAIRS * len(STRIPE_PERIODS_PX)
 
 
-def class_appearance(num_classes: int) -> dict[str, np.ndarray]:
+def max_classes(family_size: int = 1) -> int:
+    """The largest class count :func:`class_appearance` supports with this family size."""
+    return MAX_CLASSES if family_size == 1 else _NUM_FAMILY_CODES * family_size
+
+
+def class_appearance(num_classes: int, family_size: int = 1) -> dict[str, np.ndarray]:
     """The deterministic appearance of classes ``0..num_classes-1``.
 
     Args:
-      num_classes: C, at most ``MAX_CLASSES`` (185 760).
+      num_classes: C, at most ``max_classes(family_size)`` (185 760 without families).
+      family_size: F in ``1..MAX_FAMILY_SIZE``. 1: no families, every class has its own
+        colour pair or texture. F > 1: class ``c`` is member ``c % F`` of family ``c // F``;
+        a family's members share both colours and the period and differ only in the angle,
+        ``(c % F) * 180 / F`` degrees; families differ in the colour pair or the period.
 
     Returns:
       A dict with ``color_a`` and ``color_b`` (uint8 [C, 3], the two stripe colours),
@@ -52,12 +78,15 @@ def class_appearance(num_classes: int) -> dict[str, np.ndarray]:
       distinct (unordered colour pair, angle, period) signature and ``color_a != color_b``.
 
     Raises:
-      ValueError: if ``num_classes`` is not in ``1..MAX_CLASSES``.
+      ValueError: if ``family_size`` or ``num_classes`` is out of range.
     """
-    if not 1 <= num_classes <= MAX_CLASSES:
-        raise ValueError(f"num_classes must be in 1..{MAX_CLASSES}, got {num_classes}")
-    codes = np.random.default_rng(_APPEARANCE_SEED).permutation(MAX_CLASSES)[:num_classes]
-    pair, texture = np.divmod(codes, _NUM_TEXTURES)
+    if not 1 <= family_size <= MAX_FAMILY_SIZE:
+        raise ValueError(f"family_size must be in 1..{MAX_FAMILY_SIZE}, got {family_size}")
+    limit = max_classes(family_size)
+    if not 1 <= num_classes <= limit:
+        raise ValueError(
+            f"num_classes must be in 1..{limit} with family_size={family_size}, got {num_classes}"
+        )
     first, second = np.triu_indices(_NUM_COLORS, k=1)
     levels = np.round(np.linspace(0, 255, COLOR_LEVELS)).astype(np.uint8)
 
@@ -66,13 +95,69 @@ def class_appearance(num_classes: int) -> dict[str, np.ndarray]:
                            index % COLOR_LEVELS], axis=-1)  # fmt: skip
         return levels[digits]
 
-    angle_index, period_index = np.divmod(texture, len(STRIPE_PERIODS_PX))
+    if family_size == 1:
+        codes = np.random.default_rng(_APPEARANCE_SEED).permutation(MAX_CLASSES)[:num_classes]
+        pair, texture = np.divmod(codes, _NUM_TEXTURES)
+        angle_index, period_index = np.divmod(texture, len(STRIPE_PERIODS_PX))
+        angle = np.deg2rad(np.asarray(STRIPE_ANGLES_DEG, np.float32))[angle_index]
+    else:
+        family, member = np.divmod(np.arange(num_classes), family_size)
+        num_families = int(family[-1]) + 1
+        rng = np.random.default_rng([_APPEARANCE_SEED, family_size])
+        codes = rng.permutation(_NUM_FAMILY_CODES)[:num_families][family]
+        pair, period_index = np.divmod(codes, len(STRIPE_PERIODS_PX))
+        angle = np.deg2rad(member * (180.0 / family_size)).astype(np.float32)
     return {
         "color_a": color(first[pair]),
         "color_b": color(second[pair]),
-        "angle": np.deg2rad(np.asarray(STRIPE_ANGLES_DEG, np.float32))[angle_index],
+        "angle": angle,
         "period": np.asarray(STRIPE_PERIODS_PX, np.float32)[period_index],
     }
+
+
+def zipf_probabilities(ranks: np.ndarray, exponent: float) -> np.ndarray:
+    """Zipf's law: the share ``r**-s / sum_q q**-s`` of each class from its rank.
+
+    Args:
+      ranks: int [C], a permutation of ``1..C`` (rank 1 is the most frequent class).
+      exponent: s >= 0 (0: uniform).
+
+    Returns:
+      float64 [C], summing to 1.
+    """
+    weights = np.asarray(ranks, np.float64) ** -float(exponent)
+    return weights / weights.sum()
+
+
+def region_quota(probabilities: np.ndarray, num_regions: int) -> np.ndarray:
+    """Whole numbers of regions per class, proportional to ``probabilities``.
+
+    Each class gets ``floor(n * p)`` regions, at least one when ``n >= C``; the remaining
+    regions go to the largest fractional parts, and any excess from the raise to one is taken
+    back from the classes with the most regions, so the quota sums to ``n`` exactly.
+
+    Args:
+      probabilities: float [C], summing to 1.
+      num_regions: n >= 0.
+
+    Returns:
+      int64 [C] summing to ``num_regions``.
+    """
+    p = np.asarray(probabilities, np.float64)
+    exact = num_regions * p
+    quota = np.floor(exact).astype(np.int64)
+    if num_regions >= len(p):
+        quota = np.maximum(quota, 1)
+    missing = num_regions - int(quota.sum())
+    if missing > 0:
+        order = np.lexsort((np.arange(len(p)), -(exact - np.floor(exact))))
+        quota[order[:missing]] += 1
+    while missing < 0:  # only after raising classes to one region; never empties a class
+        donors = np.flatnonzero(quota > 1)
+        donors = donors[np.lexsort((donors, -quota[donors]))][:-missing]
+        quota[donors] -= 1
+        missing += len(donors)
+    return quota
 
 
 def make_palette(num_classes: int) -> np.ndarray:
@@ -128,6 +213,8 @@ class SyntheticSegmentation:
         *,
         regions_range: tuple[int, int] = (3, 7),
         noise_std: float = 6.0,
+        zipf_exponent: float = 0.0,
+        family_size: int = 1,
     ):
         """Builds the source; nothing is generated until an example is read.
 
@@ -137,15 +224,22 @@ class SyntheticSegmentation:
           num_examples: size of this split.
           seed: data seed (any non-negative int).
           split: split name; mixed into each example's random stream.
-          regions_range: inclusive (min, max) number of Voronoi regions per image; region
-            classes are uniform over all C classes and balanced (see ``_region_classes``), so
-            each class appears in about ``num_examples * mean_regions / C`` images.
+          regions_range: inclusive (min, max) number of Voronoi regions per image; with
+            ``zipf_exponent = 0`` region classes are uniform over all C classes and balanced
+            (see ``_region_classes``), so each class appears in about
+            ``num_examples * mean_regions / C`` images.
           noise_std: standard deviation of the per-pixel uniform noise (0..255 units); each
             image also gets a global brightness offset drawn with twice this deviation.
+          zipf_exponent: s >= 0; above 0, long-tailed class frequencies: the split's regions
+            are shared among the classes by Zipf's law over ``class_ranks`` (see
+            ``region_quota``) and dealt to the examples in a random order.
+          family_size: F; above 1, look-alike families (see :func:`class_appearance`).
         """
         if num_examples < 0:
             raise ValueError(f"num_examples must be >= 0, got {num_examples}")
-        self._appearance = class_appearance(num_classes)
+        if not zipf_exponent >= 0:
+            raise ValueError(f"zipf_exponent must be >= 0, got {zipf_exponent}")
+        self._appearance = class_appearance(num_classes, family_size)
         self.num_classes = int(num_classes)
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.num_examples = int(num_examples)
@@ -153,6 +247,8 @@ class SyntheticSegmentation:
         self.split = str(split)
         self.regions_range = (int(regions_range[0]), int(regions_range[1]))
         self.noise_std = float(noise_std)
+        self.zipf_exponent = float(zipf_exponent)
+        self.family_size = int(family_size)
         self._split_key = zlib.crc32(self.split.encode())
         self._permutations: dict[int, np.ndarray] = {}  # a small cache, see _block_permutation
         h, w = self.image_size
@@ -162,11 +258,60 @@ class SyntheticSegmentation:
         return self.num_examples
 
     def __repr__(self) -> str:
+        options = "".join(
+            f", {name}={value}"
+            for name, value, default in [
+                ("zipf_exponent", self.zipf_exponent, 0.0),
+                ("family_size", self.family_size, 1),
+            ]
+            if value != default
+        )
         return (
             f"SyntheticSegmentation(num_classes={self.num_classes}, image_size={self.image_size}, "
             f"num_examples={self.num_examples}, seed={self.seed}, split={self.split!r}, "
-            f"regions_range={self.regions_range}, noise_std={self.noise_std})"
+            f"regions_range={self.regions_range}, noise_std={self.noise_std}{options})"
         )
+
+    @functools.cached_property
+    def class_ranks(self) -> np.ndarray:
+        """int64 [C]: each class's frequency rank, 1 (most frequent) .. C.
+
+        A permutation fixed by the data seed alone, so every split agrees on which classes
+        are frequent; with ``zipf_exponent = 0`` it only orders equally frequent classes.
+        """
+        order = np.random.default_rng([self.seed, 4]).permutation(self.num_classes)
+        ranks = np.empty(self.num_classes, np.int64)
+        ranks[order] = np.arange(1, self.num_classes + 1)
+        return ranks
+
+    @functools.cached_property
+    def class_probabilities(self) -> np.ndarray:
+        """float64 [C]: the law each region's class follows (``zipf_probabilities``)."""
+        return zipf_probabilities(self.class_ranks, self.zipf_exponent)
+
+    @functools.cached_property
+    def _zipf_plan(self) -> tuple[np.ndarray, np.ndarray]:
+        """Long-tailed mode: (first slot of each example int64 [N + 1], class of each slot)."""
+        lo, hi = self.regions_range
+        counts = np.random.default_rng([self.seed, self._split_key, 2]).integers(
+            lo, hi + 1, self.num_examples
+        )
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        quota = region_quota(self.class_probabilities, int(starts[-1]))
+        slots = np.repeat(np.arange(self.num_classes), quota)
+        np.random.default_rng([self.seed, self._split_key, 3]).shuffle(slots)
+        return starts, slots
+
+    @property
+    def region_quota(self) -> np.ndarray:
+        """int64 [C]: regions of each class in this split (long-tailed mode only).
+
+        Raises:
+          ValueError: with ``zipf_exponent = 0`` (the balanced mode has no fixed quota).
+        """
+        if self.zipf_exponent == 0:
+            raise ValueError("region_quota exists only with zipf_exponent > 0")
+        return np.bincount(self._zipf_plan[1], minlength=self.num_classes)
 
     @functools.cached_property
     def class_names(self) -> tuple[str, ...]:
@@ -212,9 +357,15 @@ class SyntheticSegmentation:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Draws the regions: (region id int [H, W], void bool [H, W], class per region [K])."""
         h, w = self.image_size
-        k = int(rng.integers(self.regions_range[0], self.regions_range[1] + 1))
+        if self.zipf_exponent > 0:
+            starts, slots = self._zipf_plan
+            classes = slots[starts[index] : starts[index + 1]]
+            k = len(classes)
+        else:
+            k = int(rng.integers(self.regions_range[0], self.regions_range[1] + 1))
         centres = rng.random((k, 2), dtype=np.float32) * np.asarray([h, w], np.float32)
-        classes = self._region_classes(index, k)
+        if self.zipf_exponent == 0:
+            classes = self._region_classes(index, k)
         dy = np.arange(h, dtype=np.float32)[:, None]
         dx = np.arange(w, dtype=np.float32)[None, :]
         best = np.full((h, w), np.inf, np.float32)
@@ -228,6 +379,10 @@ class SyntheticSegmentation:
             region[closer] = i
         void = (np.sqrt(second) - np.sqrt(best)) < self._border
         return region, void, classes
+
+    def region_classes(self, index: int) -> np.ndarray:
+        """The class of each Voronoi region of example ``index`` (repeats kept; cheap)."""
+        return self._layout(index, self._rng(index))[2]
 
     def image_classes(self, index: int) -> np.ndarray:
         """The sorted class ids present in example ``index`` (cheap: no texture is rendered).
@@ -280,6 +435,7 @@ def synthetic_splits(
     image_size: tuple[int, int] = (128, 128),
     split_sizes: dict[str, int] | None = None,
     seed: int = 0,
+    **options,
 ) -> dict[str, SyntheticSegmentation]:
     """One ``SyntheticSegmentation`` per split, all sharing classes and seed.
 
@@ -288,12 +444,14 @@ def synthetic_splits(
       image_size: (H, W).
       split_sizes: examples per split; defaults to ``{"train": 2000, "validation": 200}``.
       seed: data seed.
+      **options: keyword options of ``SyntheticSegmentation`` (``zipf_exponent``,
+        ``family_size``, ...), the same for every split.
 
     Returns:
       ``{split_name: source}``.
     """
     split_sizes = split_sizes or {"train": 2000, "validation": 200}
     return {
-        name: SyntheticSegmentation(num_classes, image_size, size, seed, split=name)
+        name: SyntheticSegmentation(num_classes, image_size, size, seed, split=name, **options)
         for name, size in split_sizes.items()
     }
