@@ -4,6 +4,12 @@ The state is three count vectors of length C — true positives, predicted pixel
 pixels per class — never a C×C confusion matrix, so evaluation at 100 000 classes costs
 megabytes. Counts are computed on device per batch (int32) and accumulated on the host in int64
 (a whole validation set can exceed 2**31 pixels); the ratios are taken only at summary time.
+
+Beside the mean IoU over all classes, :func:`binned_miou` gives the mean IoU over the rare,
+common and frequent classes, LVIS's convention (Gupta et al., 2019): a class is rare when it is
+in 1..10 training images, common in 11..100, frequent in more (:func:`frequency_bins`). A class
+in no training image is counted as rare: it is the far end of the tail, and leaving it out would
+hide that neither head can segment it.
 """
 
 from __future__ import annotations
@@ -15,6 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxscaleseg.labels import IGNORE_INDEX
+
+FREQUENCY_BINS = ("rare", "common", "frequent")
+RARE_MAX_IMAGES = 10  # LVIS: rare classes are in at most 10 training images ...
+COMMON_MAX_IMAGES = 100  # ... common ones in 11..100, frequent ones in more
 
 
 class ClassCounts(NamedTuple):
@@ -115,3 +125,54 @@ def summarize(counts: ClassCounts) -> dict[str, float | np.ndarray]:
         "per_class_iou": iou,
         "per_class_acc": acc,
     }
+
+
+def frequency_bins(train_images: np.ndarray) -> np.ndarray:
+    """LVIS frequency bins from the number of training images each class is in.
+
+    Args:
+      train_images: int ``[C]``, images of the training split that contain the class.
+
+    Returns:
+      str ``[C]``: ``"rare"`` (0..10 images; 0 included, see the module docstring),
+      ``"common"`` (11..100) or ``"frequent"`` (more than 100).
+
+    Raises:
+      ValueError: on a negative count.
+    """
+    counts = np.asarray(train_images, np.int64)
+    if np.any(counts < 0):
+        raise ValueError(f"training-image counts must be >= 0, got min {counts.min()}")
+    index = (counts > RARE_MAX_IMAGES).astype(np.int64) + (counts > COMMON_MAX_IMAGES)
+    return np.asarray(FREQUENCY_BINS)[index]
+
+
+def binned_miou(per_class_iou: np.ndarray, bins: np.ndarray) -> dict[str, float | int]:
+    """The mean IoU over the classes of each frequency bin.
+
+    Args:
+      per_class_iou: float ``[C]`` from :func:`summarize`, NaN for classes absent from labels
+        and predictions (these do not count, as in the overall mIoU).
+      bins: str ``[C]``, each one of ``FREQUENCY_BINS``.
+
+    Returns:
+      ``{"mIoU_rare", "mIoU_common", "mIoU_frequent"}``: float, NaN when no class of the bin
+      counts; and ``{"classes_rare", "classes_common", "classes_frequent"}``: how many
+      classes each mean is over.
+
+    Raises:
+      ValueError: when the shapes differ or a bin name is unknown.
+    """
+    iou = np.asarray(per_class_iou, np.float64)
+    bins = np.asarray(bins)
+    if bins.shape != iou.shape:
+        raise ValueError(f"bins has shape {bins.shape}, per-class IoU {iou.shape}")
+    unknown = set(np.unique(bins).tolist()) - set(FREQUENCY_BINS)
+    if unknown:
+        raise ValueError(f"unknown frequency bins {sorted(unknown)}; known: {FREQUENCY_BINS}")
+    out: dict[str, float | int] = {}
+    for name in FREQUENCY_BINS:
+        values = iou[(bins == name) & ~np.isnan(iou)]
+        out[f"mIoU_{name}"] = float(values.mean()) if values.size else float("nan")
+        out[f"classes_{name}"] = int(values.size)
+    return out

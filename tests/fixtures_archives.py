@@ -322,11 +322,11 @@ def make_coco_lvis(manual_dir: Path) -> dict:
     Validation: image 2 (val2017) with a cat 1203 polygon and banner stuff everywhere else; image 3
     from train2017 with only stuff road (149 -> 1254 -> 1253) on its left half.
     """
-    categories = [
-        {"id": 1, "name": "aerosol_can"},
-        {"id": 5, "name": "alcohol"},
-        {"id": 50, "name": "banner"},
-        {"id": 1203, "name": "zucchini"},
+    categories = [  # LVIS's frequency labels, as in lvis_v1_*.json
+        {"id": 1, "name": "aerosol_can", "frequency": "c"},
+        {"id": 5, "name": "alcohol", "frequency": "r"},
+        {"id": 50, "name": "banner", "frequency": "f"},
+        {"id": 1203, "name": "zucchini", "frequency": "c"},
     ]
     poly = [[4, 2, 20, 2, 20, 10, 4, 10]]  # rows 2..9, cols 4..19 once rasterised
     train = {

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from jaxscaleseg.data import builders, prepare
+from jaxscaleseg.data import builders, frequency, prepare
 from jaxscaleseg.data.builders import class_info, common, mappings
 from jaxscaleseg.labels import STORED_VOID
 
@@ -266,6 +266,19 @@ def test_coco_lvis_builder(tmp_path, manual):
     assert names[1203] == "branch"  # stuff 94 -> 1204
     reread = tfds.builder("seg_coco_lvis", data_dir=str(tmp_path / "data"))
     assert reread.info.metadata["class_names"][49] == "banner"
+    # LVIS's r/c/f labels from the JSON; None for stuff and for ids the JSON does not list.
+    letters = reread.info.metadata["class_frequency"]
+    assert len(letters) == 1284
+    assert (letters[0], letters[4], letters[49], letters[1202]) == ("c", "r", "f", "c")
+    assert letters[1] is None and letters[1253] is None
+    # Evaluation's bins: LVIS's where given, the rest counted in the one training image.
+    train = tfds.data_source("seg_coco_lvis", split="train", data_dir=str(tmp_path / "data"))
+    result = frequency.class_frequency(train, 1284)
+    assert result["source"] == "dataset + training split"
+    bins = result["bins"]
+    assert (bins[0], bins[4], bins[49], bins[1202]) == ("common", "rare", "frequent", "common")
+    assert bins[1] == bins[1253] == "rare"  # in no training image
+    assert result["train_images"][0] == 1 and result["train_images"][1253] == 0
 
 
 # ---------------------------------------------------------------------------------------------

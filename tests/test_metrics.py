@@ -57,3 +57,27 @@ def test_ignored_and_invalid_pixels_do_not_count(maybe_jit):
 def test_empty_counts_give_nan_not_errors():
     summary = metrics.summarize(metrics.zeros(4))
     assert all(np.isnan(summary[k]) for k in ["mIoU", "mAcc", "aAcc", "fwIoU"])
+
+
+def test_frequency_bins_follow_lvis_edges():
+    counts = np.array([0, 1, 10, 11, 100, 101, 5000])
+    bins = metrics.frequency_bins(counts)
+    assert bins.tolist() == ["rare", "rare", "rare", "common", "common", "frequent", "frequent"]
+    with pytest.raises(ValueError, match="counts"):
+        metrics.frequency_bins(np.array([3, -1]))
+
+
+def test_binned_miou_averages_present_classes_of_each_bin():
+    iou = np.array([0.5, np.nan, 0.1, 0.7, 0.9, np.nan])
+    bins = np.array(["rare", "rare", "rare", "common", "frequent", "frequent"])
+    out = metrics.binned_miou(iou, bins)
+    # Absent classes (NaN) do not count, as in the overall mIoU.
+    assert out["mIoU_rare"] == pytest.approx(0.3) and out["classes_rare"] == 2
+    assert out["mIoU_common"] == pytest.approx(0.7) and out["classes_common"] == 1
+    assert out["mIoU_frequent"] == pytest.approx(0.9) and out["classes_frequent"] == 1
+    none = metrics.binned_miou(iou, np.array(["rare"] * 6))
+    assert np.isnan(none["mIoU_common"]) and none["classes_common"] == 0
+    with pytest.raises(ValueError, match="unknown frequency bins"):
+        metrics.binned_miou(iou, np.array(["r"] * 6))
+    with pytest.raises(ValueError, match="shape"):
+        metrics.binned_miou(iou, bins[:3])

@@ -72,6 +72,14 @@ def coco_lvis_class_names(lvis_categories) -> list[str]:
     return out
 
 
+def lvis_frequency(lvis_categories) -> list[str | None]:
+    """LVIS's own frequency bin (its ``frequency`` field: ``r``, ``c`` or ``f``, from the number
+    of training images) for train ids 0..1283; None for the stuff classes and for LVIS ids the
+    JSON does not label, which evaluation bins by counting the training split."""
+    letters = {int(c["id"]): c.get("frequency") for c in lvis_categories}
+    return [letters.get(i) or None for i in range(1, mappings.COCO_LVIS_NUM_CLASSES + 1)]
+
+
 def _load_json(manual_dir, names, *, dataset, source, member=None):
     path = common.find_archive(manual_dir, names, dataset=dataset, source=source)
     try:
@@ -160,6 +168,7 @@ class SegCocoLvis(common.SegmentationBuilder):
             splits[split] = sources
         names = coco_lvis_class_names(categories or [])
         self.info.metadata["class_names"] = names
+        self.info.metadata["class_frequency"] = lvis_frequency(categories or [])
         return splits
 
     @staticmethod
