@@ -2,10 +2,12 @@ r"""python -m jaxscaleseg.train --config configs/ade20k_resnet50_softmax.py --wo
 
 The softmax baseline of ``ade20k_resnet50_ess.py``: the same setup with a C-way softmax head.
 
-Tiny variant: ``:smoke``. Every setting, and where it comes from, is as in
+Variants ``:smoke`` and ``:original`` as there (``:original``'s negative-set rule does not
+apply to a softmax head). Every setting, and where it comes from, is as in
 ``ade20k_resnet50_ess.py``; only the head and loss differ (softmax cross-entropy; the ESS-only
-fields D, k, temperature and margin are unused). The paper trains its baselines with the same
-schedules.
+fields D, k, temperature and margin are unused). The same schedule as the ESS config: chosen
+here (the original code's baseline, ``--loss_type cross_entropy``, takes the same flags, main.py
+lines 427-433).
 """
 
 from jaxscaleseg import config_schema

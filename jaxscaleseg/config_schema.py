@@ -11,17 +11,27 @@ Sections:
   ``log_every_steps``, ``eval_every_steps`` (0: only at the end), ``checkpoint_every_steps``,
   ``keep_checkpoints``, ``progress_bar``, ``distributed`` (call ``jax.distributed.initialize``).
 * ``dataset``: ``name`` (``synthetic`` or a TFDS builder: ``seg_ade20k``...), ``config``
-  (builder config), ``data_dir``, ``train_split``, ``eval_split``, ``num_classes``,
-  augmentation (``crop_size``, ``scale_range``, ``flip``, ``color_jitter``),
+  (builder config), ``data_dir``, ``train_split``, ``eval_split`` (a builder config made for
+  one training split, ``seg_pascal_voc/voc2012_aug``'s ``train_aug``, refuses another; a split
+  the prepared dataset lacks is refused when training starts), ``num_classes``,
+  augmentation (``crop_size``, ``scale_range``, ``flip``, ``color_jitter`` with
+  ``color_jitter_factors``: empty for our photometric distortion, (b, c, s) for the original
+  code's factor jitter), ``warp_size`` (empty, or the (H, W) every training and evaluation
+  image and label is resized to first, aspect ratio not kept: the original code's COCO-Stuff),
+  ``normalization`` (``imagenet`` or ``coco_stuff_original``),
   ``repeat_factor_threshold`` (0: off), ``worker_count``, evaluation sizes
-  (``eval_crop_size``/``eval_pad_to``, empty: full resolution), ``eval_batch_size``,
+  (``eval_crop_size``/``eval_pad_to``, empty: full resolution), ``eval_protocol`` (``fit``:
+  shrink to fit ``eval_crop_size`` and pad, every pixel scored; ``crop_val``: the original
+  code's ``--crop_val``, short side resized to the square ``eval_crop_size`` and only the
+  centre crop scored), ``eval_batch_size``,
   ``max_eval_examples`` (0: all) and the ``synthetic`` source's ``image_size``,
   ``train_examples``, ``eval_examples``, ``seed``, ``zipf_exponent`` (0: every class equally
   frequent; s > 0: long-tailed, Zipf's law with exponent s) and ``family_size`` (1: no
   look-alikes; F > 1: families of F classes that differ only in the stripe angle), see
   :mod:`jaxscaleseg.data.synthetic`.
 * ``model``: ``backbone``, ``output_stride``, ``embedding_dim`` (D), ``separable``,
-  ``bn_momentum`` (flax decay), ``dtype``, ``pretrained`` (path of converted ImageNet weights),
+  ``bn_momentum`` (flax decay, backbone), ``decoder_bn_momentum`` (ASPP and decoder),
+  ``dtype``, ``pretrained`` (path of converted ImageNet weights),
   ``tiny_width`` (first-layer width of the ``tiny`` backbone; 8 is ``build_model``'s net,
   other widths scale its backbone, ASPP and decoder together), ``center_embedding``
   (standardise the embedding channels over the batch before the L2 normalisation; off in the
@@ -45,7 +55,7 @@ from pathlib import Path
 import ml_collections
 
 from jaxscaleseg import losses
-from jaxscaleseg.data import synthetic
+from jaxscaleseg.data import augment, pipeline, splits, synthetic
 from jaxscaleseg.models import BACKBONES, OUTPUT_STRIDES
 
 LOSSES = ("softmax", "ess")
@@ -85,10 +95,14 @@ def base_config() -> ml_collections.ConfigDict:
     d.scale_range = (0.5, 2.0)
     d.flip = True
     d.color_jitter = False
+    d.color_jitter_factors = ()
+    d.warp_size = ()
+    d.normalization = "imagenet"
     d.repeat_factor_threshold = 0.0
     d.worker_count = 0
     d.eval_crop_size = ()
     d.eval_pad_to = ()
+    d.eval_protocol = "fit"
     d.eval_batch_size = 1
     d.max_eval_examples = 0
     d.synthetic = ml_collections.ConfigDict()
@@ -105,6 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.embedding_dim = 12
     m.separable = False
     m.bn_momentum = 0.99
+    m.decoder_bn_momentum = 0.99
     m.dtype = "float32"
     m.pretrained = ""
     m.tiny_width = 8
@@ -120,6 +135,7 @@ def base_config() -> ml_collections.ConfigDict:
     loss.separation_weight = 1.0
     loss.max_block_bytes = 8 * 2**20
     loss.table_gradient = "auto"
+    loss.negatives = "nearest_other"
 
     o = c.optim = ml_collections.ConfigDict()
     o.name = "sgd"
@@ -156,6 +172,8 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.dataset.crop_size = (64, 64)
     config.dataset.eval_crop_size = (64, 64)
     config.dataset.eval_pad_to = ()
+    if config.dataset.warp_size:
+        config.dataset.warp_size = (64, 64)
     config.dataset.eval_batch_size = 2
     config.dataset.max_eval_examples = 2
     config.dataset.repeat_factor_threshold = 0.0
@@ -163,6 +181,16 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.dataset.synthetic.image_size = (64, 64)
     config.dataset.synthetic.train_examples = 8
     config.dataset.synthetic.eval_examples = 2
+    return config
+
+
+def original_model_and_loss(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The ``:original`` settings every paper config shares: the original code's negative-set
+    rule (``loss.negatives="original"``) and BatchNorm momenta (PyTorch 0.01 = flax 0.99 on the
+    backbone only, main.py line 390; the ASPP and decoder keep PyTorch's 0.1 = flax 0.9)."""
+    config.loss.negatives = "original"
+    config.model.bn_momentum = 0.99
+    config.model.decoder_bn_momentum = 0.9
     return config
 
 
@@ -182,9 +210,9 @@ def sibling_config(config_file: str, name: str, variant: str = "") -> ml_collect
 def variants(arg: str | None) -> set[str]:
     """The comma-separated variant names of a ``--config file.py:variant`` argument."""
     names = {v.strip() for v in (arg or "").split(",") if v.strip()}
-    unknown = names - {"smoke", "softmax", "ess"}
+    unknown = names - {"smoke", "softmax", "ess", "original"}
     if unknown:
-        raise ConfigError(f"unknown config variant(s) {sorted(unknown)}; known: smoke")
+        raise ConfigError(f"unknown config variant(s) {sorted(unknown)}; known: smoke, original")
     return names
 
 
@@ -215,6 +243,33 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _pair(d.crop_size, "dataset.crop_size", allow_empty=False)
     _pair(d.eval_crop_size, "dataset.eval_crop_size", allow_empty=True)
     _pair(d.eval_pad_to, "dataset.eval_pad_to", allow_empty=True)
+    _pair(d.warp_size, "dataset.warp_size", allow_empty=True)
+    if d.name != "synthetic":
+        message = splits.augmented_split_error(d.name, d.config, d.train_split)
+        if message:
+            raise ConfigError(message)
+    if d.eval_protocol not in pipeline.EVAL_PROTOCOLS:
+        raise ConfigError(
+            f"dataset.eval_protocol must be one of {pipeline.EVAL_PROTOCOLS}, "
+            f"got {d.eval_protocol!r}"
+        )
+    if d.eval_protocol == "crop_val" and (
+        len(d.eval_crop_size) != 2 or d.eval_crop_size[0] != d.eval_crop_size[1]
+    ):
+        raise ConfigError(
+            "dataset.eval_protocol='crop_val' needs a square dataset.eval_crop_size, got "
+            f"{tuple(d.eval_crop_size)}"
+        )
+    if d.normalization not in augment.NORMALIZATIONS:
+        raise ConfigError(
+            f"dataset.normalization must be one of {sorted(augment.NORMALIZATIONS)}, "
+            f"got {d.normalization!r}"
+        )
+    if len(d.color_jitter_factors) not in (0, 3) or any(f < 0 for f in d.color_jitter_factors):
+        raise ConfigError(
+            "dataset.color_jitter_factors must be empty or three strengths >= 0 "
+            f"(brightness, contrast, saturation), got {tuple(d.color_jitter_factors)}"
+        )
     _pair(d.synthetic.image_size, "dataset.synthetic.image_size", allow_empty=False)
     if len(d.scale_range) != 2 or not 0 < d.scale_range[0] <= d.scale_range[1]:
         raise ConfigError(f"dataset.scale_range must be 0 < min <= max, got {d.scale_range}")
@@ -260,6 +315,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"loss.num_neighbors must be in 1..num_classes-1={d.num_classes - 1}, "
             f"got {loss.num_neighbors}"
+        )
+    if loss.negatives not in losses.NEGATIVE_RULES:
+        raise ConfigError(
+            f"loss.negatives must be one of {losses.NEGATIVE_RULES}, got {loss.negatives!r}"
         )
     if loss.table_gradient not in losses.TABLE_GRADIENTS:
         raise ConfigError(

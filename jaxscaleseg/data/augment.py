@@ -18,20 +18,39 @@ from jaxscaleseg.labels import IGNORE_INDEX
 # ImageNet statistics in 0..255 units (RGB).
 MEAN_RGB = np.asarray([123.675, 116.28, 103.53], np.float32)
 STD_RGB = np.asarray([58.395, 57.12, 57.375], np.float32)
+# Named (mean, std) pairs in 0..255 units: ``imagenet`` (every config), ``coco_stuff_original``
+# (the statistics the original code's COCO-Stuff loader normalises with, its
+# datasets/cocostuff.py line 19, there in 0..1 units).
+NORMALIZATIONS = {
+    "imagenet": (MEAN_RGB, STD_RGB),
+    "coco_stuff_original": (
+        np.asarray([0.43931922, 0.41310471, 0.37480941], np.float32) * 255,
+        np.asarray([0.24272706, 0.23649098, 0.23429529], np.float32) * 255,
+    ),
+}
 
 
-def normalize(image: np.ndarray) -> np.ndarray:
-    """ImageNet-normalises an RGB image.
+def normalization(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The ``(mean, std)`` float32 [3] pair (0..255 units) named ``name``."""
+    if name not in NORMALIZATIONS:
+        known = sorted(NORMALIZATIONS)
+        raise ValueError(f"unknown normalization {name!r}; expected one of {known}")
+    return NORMALIZATIONS[name]
+
+
+def normalize(image: np.ndarray, mean: np.ndarray = MEAN_RGB, std: np.ndarray = STD_RGB):
+    """Normalises an RGB image (ImageNet statistics unless given).
 
     Args:
       image: uint8 or float [..., 3] in 0..255.
+      mean, std: float32 [3] in 0..255 units.
 
     Returns:
-      float32 [..., 3], ``(image - MEAN_RGB) / STD_RGB``.
+      float32 [..., 3], ``(image - mean) / std``.
     """
     out = np.array(image, np.float32)  # a copy, normalised in place
-    out -= MEAN_RGB
-    out *= 1.0 / STD_RGB
+    out -= mean
+    out *= 1.0 / np.asarray(std, np.float32)
     return out
 
 
@@ -240,6 +259,74 @@ def color_jitter(
         grey = out @ np.asarray([0.299, 0.587, 0.114], np.float32)
         out = grey[..., None] + (out - grey[..., None]) * np.float32(s)
     return np.clip(out, 0.0, 255.0).astype(np.float32)
+
+
+def factor_color_jitter(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    brightness: float = 0.5,
+    contrast: float = 0.5,
+    saturation: float = 0.5,
+) -> np.ndarray:
+    """Colour jitter by factors, always applied, in a random order (torchvision's rule).
+
+    The original code's Cityscapes augmentation (``ColorJitter(0.5, 0.5, 0.5)``): each factor
+    is uniform in ``[max(0, 1 - x), 1 + x]``; brightness scales the image, contrast blends it
+    with the mean of its grey image, saturation with its grey image (weights 0.299, 0.587,
+    0.114); the result is clipped to 0..255 after each step.
+
+    Args:
+      image: float32 [H, W, 3] in 0..255.
+      rng: the example's generator.
+      brightness, contrast, saturation: the jitter strengths x.
+
+    Returns:
+      float32 [H, W, 3] in 0..255.
+    """
+    strengths = (brightness, contrast, saturation)
+    factors = [rng.uniform(max(0.0, 1.0 - x), 1.0 + x) for x in strengths]
+    weights = np.asarray([0.299, 0.587, 0.114], np.float32)
+    out = np.asarray(image, np.float32)
+    for op in rng.permutation(3):
+        factor = np.float32(factors[op])
+        if op == 0:
+            out = out * factor
+        else:
+            grey = out @ weights
+            base = grey.mean() if op == 1 else grey[..., None]
+            out = base + (out - base) * factor
+        out = np.clip(out, 0.0, 255.0)
+    return out.astype(np.float32)
+
+
+def short_side_center_crop(
+    image: np.ndarray, label: np.ndarray, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The original code's ``--crop_val`` evaluation view: short side to ``size``, centre crop.
+
+    The short side is resized to ``size`` and the long side to ``int(size * long / short)``
+    (image bilinear, label nearest), then the centre ``size``×``size`` is cut out (first
+    row/column ``round((length - size) / 2)``). Pixels outside the crop are not scored.
+
+    Args:
+      image: uint8 or float [H, W, 3].
+      label: int [H, W].
+      size: the side of the square output.
+
+    Returns:
+      ``(image float32 [size, size, 3], label int32 [size, size])``.
+    """
+    h, w = label.shape
+    if h <= w:
+        resized = (size, int(size * w / h))
+    else:
+        resized = (int(size * h / w), size)
+    image = resize_image(image, resized)
+    label = resize_label(label, resized)
+    top = int(round((resized[0] - size) / 2.0))
+    left = int(round((resized[1] - size) / 2.0))
+    return image[top : top + size, left : left + size], label[top : top + size, left : left + size]
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -29,6 +29,7 @@ from jaxscaleseg.data.augment import MEAN_RGB, STD_RGB, denormalize, normalize
 from jaxscaleseg.labels import IGNORE_INDEX, STORED_VOID, check_labels
 
 __all__ = [
+    "EVAL_PROTOCOLS",
     "MEAN_RGB",
     "STD_RGB",
     "decode_example",
@@ -126,7 +127,7 @@ class _Source:
 
 
 class _TrainTransform(grain.transforms.RandomMap):
-    """decode → scale/crop/pad/flip → optional jitter → normalise, from one per-example draw."""
+    """decode → (warp) → scale/crop/pad/flip → optional jitter → normalise, one draw per example."""
 
     def __init__(
         self,
@@ -135,28 +136,45 @@ class _TrainTransform(grain.transforms.RandomMap):
         scale_range: tuple[float, float],
         flip: bool,
         color_jitter: bool,
+        warp_size: tuple[int, int] | None = None,
+        jitter_factors: tuple[float, float, float] | None = None,
+        normalization: str = "imagenet",
     ):
         self.num_classes = num_classes
         self.crop_size = crop_size
         self.scale_range = scale_range
         self.flip = flip
         self.color_jitter = color_jitter
+        self.warp_size = warp_size
+        self.jitter_factors = jitter_factors
+        self.mean, self.std = augment.normalization(normalization)
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator):
         example = decode_example(element, self.num_classes)
+        image, label = example["image"], example["label"]
+        if self.warp_size is not None:
+            image = augment.resize_image(image, self.warp_size)
+            label = augment.resize_label(label, self.warp_size)
         image, label, inside = augment.random_scale_crop_flip(
-            example["image"],
-            example["label"],
+            image,
+            label,
             rng,
             crop_size=self.crop_size,
             scale_range=self.scale_range,
             flip=self.flip,
+            fill=self.mean,
         )
         if self.color_jitter:
-            image = augment.color_jitter(image, rng)
-            image[~inside] = MEAN_RGB
-        image -= MEAN_RGB  # normalise in place: ``image`` is a fresh float32 array
-        image *= 1.0 / STD_RGB
+            if self.jitter_factors is None:
+                image = augment.color_jitter(image, rng)
+            else:
+                b, c, s = self.jitter_factors
+                image = augment.factor_color_jitter(
+                    image, rng, brightness=b, contrast=c, saturation=s
+                )
+            image[~inside] = self.mean
+        image -= self.mean  # normalise in place: ``image`` is a fresh float32 array
+        image *= 1.0 / self.std
         return {"image": image, "label": label}
 
 
@@ -244,6 +262,9 @@ def make_train_iterator(
     shard_index: int = 0,
     shard_count: int = 1,
     repeat_factor_threshold: float | None = None,
+    warp_size: tuple[int, int] | None = None,
+    color_jitter_factors: tuple[float, float, float] | None = None,
+    normalization: str = "imagenet",
 ) -> grain.DataLoaderIterator:
     """The training input pipeline, repeated forever, with checkpointable state.
 
@@ -275,6 +296,11 @@ def make_train_iterator(
         0.001); the class content of every example is read once, from
         ``source.image_classes(i)`` if the source has it, otherwise by decoding every label.
         Fractional factors are rounded stochastically once, from ``seed``.
+      warp_size: if set, (H, W) every image and label is resized to first, aspect ratio not
+        kept (the original code's COCO-Stuff loader).
+      color_jitter_factors: with ``color_jitter``, None for ``augment.color_jitter`` or
+        (brightness, contrast, saturation) strengths for ``augment.factor_color_jitter``.
+      normalization: a name in ``augment.NORMALIZATIONS``.
 
     Returns:
       A grain ``DataLoaderIterator`` yielding ``{"image": float32 [B, h, w, 3], "label": int32
@@ -302,7 +328,14 @@ def make_train_iterator(
         seed=_mix_seed(seed),
     )
     transform = _TrainTransform(
-        num_classes, crop_size, tuple(scale_range), bool(flip), bool(color_jitter)
+        num_classes,
+        crop_size,
+        tuple(scale_range),
+        bool(flip),
+        bool(color_jitter),
+        warp_size=None if warp_size is None else (int(warp_size[0]), int(warp_size[1])),
+        jitter_factors=None if color_jitter_factors is None else tuple(color_jitter_factors),
+        normalization=normalization,
     )
     if worker_count:
         _ensure_flags_parsed()
@@ -353,12 +386,25 @@ def _fit_size(size: tuple[int, int], bound: tuple[int, int]) -> tuple[int, int]:
     )
 
 
-class _EvalTransform(grain.transforms.Map):
-    """decode → (shrink to fit ``crop_size``) → normalise; ``None`` becomes a padding example."""
+EVAL_PROTOCOLS = ("fit", "crop_val")
 
-    def __init__(self, num_classes: int, crop_size: tuple[int, int] | None):
+
+class _EvalTransform(grain.transforms.Map):
+    """decode → (warp) → fit or centre-crop to ``crop_size`` → normalise; ``None`` pads."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        crop_size: tuple[int, int] | None,
+        protocol: str = "fit",
+        warp_size: tuple[int, int] | None = None,
+        normalization: str = "imagenet",
+    ):
         self.num_classes = num_classes
         self.crop_size = crop_size
+        self.protocol = protocol
+        self.warp_size = warp_size
+        self.mean, self.std = augment.normalization(normalization)
 
     def map(self, element: dict[str, Any] | None):
         if element is None:
@@ -369,12 +415,18 @@ class _EvalTransform(grain.transforms.Map):
             }
         example = decode_example(element, self.num_classes)
         image, label = example["image"], example["label"]
-        if self.crop_size is not None:
+        if self.warp_size is not None:
+            image = augment.resize_image(image, self.warp_size)
+            label = augment.resize_label(label, self.warp_size)
+        if self.protocol == "crop_val":
+            image, label = augment.short_side_center_crop(image, label, self.crop_size[0])
+        elif self.crop_size is not None:
             size = _fit_size(label.shape, self.crop_size)
             if size != label.shape:
                 image = augment.resize_image(image, size)
                 label = augment.resize_label(label, size)
-        return {"image": normalize(image), "label": label, "valid": np.ones(label.shape, bool)}
+        image = normalize(image, self.mean, self.std)
+        return {"image": image, "label": label, "valid": np.ones(label.shape, bool)}
 
 
 class _PadBatch:
@@ -413,6 +465,9 @@ def make_eval_iterator(
     shard_index: int = 0,
     shard_count: int = 1,
     worker_count: int = 0,
+    protocol: str = "fit",
+    warp_size: tuple[int, int] | None = None,
+    normalization: str = "imagenet",
 ) -> grain.DataLoader:
     """The evaluation input pipeline: every pixel of every example exactly once, no augmentation.
 
@@ -428,6 +483,12 @@ def make_eval_iterator(
     then measured at that resolution), and every batch is padded to exactly (h, w). Pixels are
     never cropped away.
 
+    Two protocols of the original code: ``protocol="crop_val"`` (its ``--crop_val``, with a
+    square ``crop_size``) resizes the short side to ``crop_size`` and scores only the centre
+    square (``augment.short_side_center_crop``); ``warp_size`` resizes every image and label
+    to that size first, aspect ratio not kept (its COCO-Stuff loader, which scores the warped
+    512×512 labels).
+
     Args:
       source: random-access source (see ``make_train_iterator``).
       batch_size: examples per batch on this host.
@@ -437,6 +498,9 @@ def make_eval_iterator(
       shard_index: this host's index.
       shard_count: number of hosts.
       worker_count: grain worker processes.
+      protocol: ``"fit"`` or ``"crop_val"``, see above.
+      warp_size: None, or the (H, W) every example is resized to first.
+      normalization: a name in ``augment.NORMALIZATIONS``.
 
     Returns:
       A re-iterable grain ``DataLoader``; each pass yields ``{"image": float32 [B, H, W, 3],
@@ -445,6 +509,10 @@ def make_eval_iterator(
     """
     if len(source) == 0:
         raise ValueError("the evaluation source is empty")
+    if protocol not in EVAL_PROTOCOLS:
+        raise ValueError(f"protocol={protocol!r}; expected one of {EVAL_PROTOCOLS}")
+    if protocol == "crop_val" and (crop_size is None or crop_size[0] != crop_size[1]):
+        raise ValueError(f"protocol='crop_val' needs a square crop_size, got {crop_size}")
     if crop_size is not None:
         crop_size = (int(crop_size[0]), int(crop_size[1]))
         pad_to = crop_size
@@ -460,7 +528,13 @@ def make_eval_iterator(
             num_records=len(data), shard_options=no_sharding, shuffle=False, num_epochs=1
         ),
         operations=[
-            _EvalTransform(num_classes, crop_size),
+            _EvalTransform(
+                num_classes,
+                crop_size,
+                protocol,
+                None if warp_size is None else (int(warp_size[0]), int(warp_size[1])),
+                normalization,
+            ),
             grain.transforms.Batch(batch_size, drop_remainder=False, batch_fn=batch_fn),
         ],
         worker_count=worker_count,

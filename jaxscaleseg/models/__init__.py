@@ -84,6 +84,7 @@ def build_model(
     separable: bool = False,
     bn_momentum: float = 0.99,
     center_embedding: bool = False,
+    decoder_bn_momentum: float | None = None,
 ) -> nn.Module:
     """Builds DeepLabV3+ with the named backbone and head.
 
@@ -98,9 +99,13 @@ def build_model(
       dtype: computation dtype, e.g. ``jnp.bfloat16``; parameters, BatchNorm statistics, the
         embedding normalisation and the class table stay float32.
       separable: depthwise-separable 3×3 convs in ASPP and decoder.
-      bn_momentum: BatchNorm running-average decay (flax convention).
+      bn_momentum: BatchNorm running-average decay (flax convention) of the backbone, and of
+        the ASPP and decoder unless ``decoder_bn_momentum`` is given.
       center_embedding: standardise the embedding channels over the batch before the L2
         normalisation (see :class:`DeepLabV3Plus`).
+      decoder_bn_momentum: the decay of the ASPP, decoder and embedding-centring BatchNorms;
+        None: ``bn_momentum``. (The original code sets PyTorch momentum 0.01, flax 0.99, on
+        its backbone only; its decoder keeps PyTorch's 0.1, flax 0.9.)
 
     Returns:
       An unbound :class:`DeepLabV3Plus`.
@@ -127,7 +132,7 @@ def build_model(
         low_level_features=widths[1],
         decoder_features=widths[2],
         separable=separable,
-        bn_momentum=bn_momentum,
+        bn_momentum=bn_momentum if decoder_bn_momentum is None else decoder_bn_momentum,
         dtype=dtype,
         center_embedding=center_embedding,
     )
