@@ -31,7 +31,9 @@ Sections:
   :mod:`jaxscaleseg.data.synthetic`.
 * ``model``: ``backbone``, ``output_stride``, ``embedding_dim`` (D), ``separable``,
   ``bn_momentum`` (flax decay, backbone), ``decoder_bn_momentum`` (ASPP and decoder),
-  ``dtype``, ``pretrained`` (path of converted ImageNet weights),
+  ``dtype``, ``pretrained`` (ImageNet backbone weights: ``torchvision:<arch>[:<weights>]``,
+  fetched once into a cache, or the path of converted ``.npz`` variables; empty: random
+  init; see :mod:`jaxscaleseg.models.weights_cache`),
   ``tiny_width`` (first-layer width of the ``tiny`` backbone; 8 is ``build_model``'s net,
   other widths scale its backbone, ASPP and decoder together), ``center_embedding``
   (standardise the embedding channels over the batch before the L2 normalisation; off in the

@@ -389,25 +389,29 @@ def make_model(config: ml_collections.ConfigDict):
 
 
 def create_train_state(
-    config: ml_collections.ConfigDict, rng: jax.Array, image_shape: tuple[int, ...]
+    config: ml_collections.ConfigDict,
+    rng: jax.Array,
+    image_shape: tuple[int, ...],
+    backbone: Any = None,
 ) -> TrainState:
-    """Initialises the model (and merges pretrained backbone weights when configured).
+    """Initialises the model, with imported backbone weights when given (jit-able).
 
     Args:
       config: a training config.
       rng: init key.
       image_shape: ``(B, H, W, 3)`` of an input batch.
+      backbone: ``{"params": ..., "batch_stats": ...}`` replacing the model's ``backbone``
+        subtrees (see :func:`_pretrained_backbone`), or None to keep the random init.
 
     Returns:
       A fresh ``TrainState`` at step 0.
     """
     model = make_model(config)
     variables = model.init({"params": rng}, jnp.zeros(image_shape, jnp.float32), train=False)
-    if config.model.pretrained:
+    if backbone is not None:
         from jaxscaleseg.models import pretrained  # noqa: PLC0415 (only when configured)
 
-        path = _pretrained_path(config)
-        variables = pretrained.merge_backbone(variables, pretrained.load_backbone_variables(path))
+        variables = pretrained.merge_backbone(variables, backbone)
     tx = optim.make_optimizer(config.optim, config.num_train_steps)
     return TrainState.create(
         apply_fn=model.apply,
@@ -417,18 +421,25 @@ def create_train_state(
     )
 
 
-def _pretrained_path(config: ml_collections.ConfigDict) -> str:
-    """The existing path of ``model.pretrained``, or a ``ConfigError`` saying how to make it."""
-    path = os.path.expanduser(config.model.pretrained)
-    if not os.path.exists(path):
-        arch = config.model.backbone
-        raise ConfigError(
-            f"model.pretrained: no such file {config.model.pretrained}; convert torchvision "
-            f"weights with `python -m jaxscaleseg.models.pretrained --arch {arch} --input "
-            f"{arch}.pth --output {config.model.pretrained}` or pass "
-            "--config.model.pretrained='' to train from scratch"
-        )
-    return path
+def _pretrained_backbone(config: ml_collections.ConfigDict, *, fetch_only: bool = False):
+    """The backbone variables ``model.pretrained`` names, or a one-line ``ConfigError``.
+
+    The value is a ``torchvision:`` name (the official checkpoint, downloaded into the cache
+    once, hash-checked and converted) or the path of converted ``.npz`` variables; see
+    :mod:`jaxscaleseg.models.weights_cache`. With ``fetch_only`` the weights are only made
+    available (downloaded, checked) and None is returned: training does this before any other
+    work so that a missing file fails at once.
+    """
+    from jaxscaleseg.models import weights_cache  # noqa: PLC0415 (only when configured)
+
+    value, arch = config.model.pretrained, config.model.backbone
+    try:
+        if fetch_only:
+            weights_cache.prefetch(value, arch=arch)
+            return None
+        return weights_cache.load_backbone(value, arch=arch)
+    except weights_cache.WeightsError as e:
+        raise ConfigError(f"model.pretrained: {e}") from e
 
 
 def abstract_train_state(
@@ -761,7 +772,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     meta = _model_meta(config)
     _check_meta(workdir, meta)
     if config.model.pretrained:
-        _pretrained_path(config)
+        _pretrained_backbone(config, fetch_only=True)
     is_main = jax.process_index() == 0
 
     train_source, eval_source = make_sources(config)
@@ -799,13 +810,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     init_rng, base_rng = jax.random.split(jax.random.key(config.seed))
     image_shape = (config.batch_size, *crop, 3)
-    if config.model.pretrained:  # reads a file: not under jit
-        state = jax.device_put(create_train_state(config, init_rng, image_shape), replicated)
-    else:
-        state = jax.jit(
-            functools.partial(create_train_state, config, image_shape=image_shape),
-            out_shardings=replicated,
-        )(init_rng)
+    backbone = _pretrained_backbone(config) if config.model.pretrained else None
+    state = jax.jit(
+        functools.partial(create_train_state, config, image_shape=image_shape),
+        out_shardings=replicated,
+    )(init_rng, backbone=backbone)
+    del backbone
 
     latest, best = _managers(workdir, config)
     start_step = 0

@@ -8,8 +8,10 @@ tests/test_pretrained.py checks it against torchvision itself when torch is inst
 from __future__ import annotations
 
 import base64
+import io
 import json
 import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -228,3 +230,55 @@ def random_variables(shapes, seed: int = 0):
 
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes))
     return flax.traverse_util.unflatten_dict({p: fill(p, s) for p, s in flat.items()})
+
+
+_TORCH_STORAGES = {
+    np.dtype(np.float32): "FloatStorage",
+    np.dtype(np.float16): "HalfStorage",
+    np.dtype(np.int64): "LongStorage",
+}
+
+
+def torch_zip_checkpoint(state_dict: dict[str, np.ndarray]) -> bytes:
+    """The bytes ``torch.save(state_dict, f)`` writes (zip format), made without torch.
+
+    The pickle is written opcode by opcode (protocol 2): an ``OrderedDict`` of
+    ``torch._utils._rebuild_tensor_v2(storage, 0, size, stride, False, OrderedDict())`` with one
+    storage per tensor, each a persistent id ``("storage", torch.<Type>Storage, key, "cpu",
+    numel)`` whose little-endian bytes are ``archive/data/<key>``.
+    """
+
+    def text(s: str) -> bytes:
+        raw = s.encode()
+        return b"X" + struct.pack("<I", len(raw)) + raw
+
+    def integer(i: int) -> bytes:
+        return b"J" + struct.pack("<i", int(i))
+
+    def tup(items) -> bytes:
+        return b"(" + b"".join(items) + b"t"
+
+    def glob(module: str, name: str) -> bytes:
+        return b"c" + f"{module}\n{name}\n".encode()
+
+    ordered_dict = glob("collections", "OrderedDict") + b")R"
+    pkl = [b"\x80\x02", ordered_dict, b"("]
+    storages = {}
+    for i, (key, value) in enumerate(state_dict.items()):
+        value = np.array(value, order="C")  # (ascontiguousarray would make scalars 1-D)
+        storages[str(i)] = value.astype(value.dtype.newbyteorder("<")).tobytes()
+        strides = [s // value.itemsize for s in value.strides]
+        pid = tup([text("storage"), glob("torch", _TORCH_STORAGES[value.dtype]), text(str(i)),
+                   text("cpu"), integer(value.size)]) + b"Q"  # fmt: skip
+        args = tup([pid, integer(0), tup(map(integer, value.shape)), tup(map(integer, strides)),
+                    b"\x89", ordered_dict])  # fmt: skip
+        pkl += [text(key), glob("torch._utils", "_rebuild_tensor_v2"), args, b"R"]
+    pkl += [b"u", b"."]
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("archive/data.pkl", b"".join(pkl))
+        zf.writestr("archive/byteorder", b"little")
+        for key, raw in storages.items():
+            zf.writestr(f"archive/data/{key}", raw)
+        zf.writestr("archive/version", b"3\n")
+    return out.getvalue()
