@@ -4,9 +4,8 @@ ADE20K (150 classes), DeepLabV3+ MobileNetV2 (output stride 16), ESS head.
 
 Variants: ``:smoke`` (tiny, a few steps), ``:original`` (the original code's behaviour where
 ours differs on purpose, below). Needs the prepared dataset (``python -m
-jaxscaleseg.data.prepare ade20k --manual_dir ARCHIVES --data_dir ~/tensorflow_datasets``) and
-the converted ImageNet backbone (``python -m jaxscaleseg.models.pretrained --arch mobilenet_v2
---input mobilenet_v2.pth --output ~/jaxscaleseg_weights/mobilenet_v2_imagenet.npz``).
+jaxscaleseg.data.prepare ade20k --manual_dir ARCHIVES --data_dir ~/tensorflow_datasets``); the
+ImageNet backbone is torchvision's, fetched once and converted (``model.pretrained``).
 
 Where each setting comes from ("the original code" is github.com/shipra25jain/ESSNet; line
 numbers are of its main.py unless another file is named):

@@ -4,9 +4,8 @@ ADE20K (150 classes), DeepLabV3+ ResNet-50 (output stride 16), ESS head.
 
 Variants: ``:smoke``, ``:original`` (as ``ade20k_mobilenetv2_ess.py``: the original code's
 negative-set rule, BatchNorm momenta and ``--crop_val`` evaluation). Needs the prepared dataset
-(``python -m jaxscaleseg.data.prepare ade20k ...``) and
-``~/jaxscaleseg_weights/resnet50_imagenet.npz`` (``python -m jaxscaleseg.models.pretrained
---arch resnet50 ...``).
+(``python -m jaxscaleseg.data.prepare ade20k ...``); the ImageNet backbone is torchvision's,
+fetched once (``model.pretrained``).
 
 Where each setting comes from (the original code is github.com/shipra25jain/ESSNet):
 

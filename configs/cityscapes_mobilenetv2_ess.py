@@ -4,7 +4,7 @@ Cityscapes (19 classes), DeepLabV3+ MobileNetV2 (output stride 16), ESS head.
 
 Variants: ``:smoke``, ``:original`` (the original code's augmentation, negative-set rule and
 BatchNorm momenta, below). Needs the prepared dataset (``python -m jaxscaleseg.data.prepare
-cityscapes ...``) and ``~/jaxscaleseg_weights/mobilenet_v2_imagenet.npz``.
+cityscapes ...``); the ImageNet backbone is torchvision's, fetched once (``model.pretrained``).
 
 Where each setting comes from ("the original code" is github.com/shipra25jain/ESSNet; line
 numbers are of its main.py unless another file is named):

@@ -4,7 +4,7 @@ COCO+LVIS (1284 classes), DeepLabV3+ ResNet-50 (output stride 16), ESS head.
 
 Variants: ``:smoke``, ``:original`` (the original code's negative-set rule and BatchNorm
 momenta; see ``ade20k_mobilenetv2_ess.py``). Needs the prepared dataset (``python -m
-jaxscaleseg.data.prepare coco_lvis ...``) and ``~/jaxscaleseg_weights/resnet50_imagenet.npz``.
+jaxscaleseg.data.prepare coco_lvis ...``); the ImageNet backbone is torchvision's, fetched once.
 
 Where each setting comes from ("the original code" is github.com/shipra25jain/ESSNet):
 

@@ -6,7 +6,7 @@ Variants: ``:smoke``, ``:original`` (the original code's data handling, class se
 normalisation, negative-set rule and BatchNorm momenta, below; it needs the 182-class
 preparation, ``python -m jaxscaleseg.data.prepare coco_stuff --config stuff10k_182 ...``).
 Needs the prepared dataset (``python -m jaxscaleseg.data.prepare coco_stuff --config
-stuff10k_171 ...``) and ``~/jaxscaleseg_weights/resnet50_imagenet.npz``.
+stuff10k_171 ...``); the ImageNet backbone is torchvision's, fetched once.
 
 Where each setting comes from ("the original code" is github.com/shipra25jain/ESSNet):
 
