@@ -312,7 +312,9 @@ def _coco_image(image_id: int, folder: str) -> dict:
     }
 
 
-def make_coco_lvis(manual_dir: Path) -> dict:
+def make_coco_lvis(
+    manual_dir: Path, *, blanket_cabinet: bool = False, bad_category: bool = False
+) -> dict:
     """LVIS v1 JSONs, the stuff JSONs zip and COCO 2017 image zips for 3 images.
 
     Train image 1: LVIS polygon (cat 1) rows 2..9 x cols 4..19, then a compressed RLE
@@ -321,6 +323,11 @@ def make_coco_lvis(manual_dir: Path) -> dict:
     rows 0..15 where no LVIS mask is, stuff "other" (183) stays void, the rest is void.
     Validation: image 2 (val2017) with a cat 1203 polygon and banner stuff everywhere else; image 3
     from train2017 with only stuff road (149 -> 1254 -> 1253) on its left half.
+
+    ``blanket_cabinet``: image 3's right half also has stuff blanket (93, rows 0..15) and
+    cabinet (98, rows 16..31), LVIS ids 110 and 181 (train ids 109, 180) in the returned
+    labels. ``bad_category``: a fourth image (train) whose second LVIS annotation has category
+    id 1300; it has no expected label (the builder must skip it).
     """
     categories = [  # LVIS's frequency labels, as in lvis_v1_*.json
         {"id": 1, "name": "aerosol_can", "frequency": "c"},
@@ -374,6 +381,25 @@ def make_coco_lvis(manual_dir: Path) -> dict:
             },
         ]
     }
+    if blanket_cabinet:
+        stuff_train["annotations"] += [
+            {
+                "image_id": 3,
+                "category_id": 93,
+                "segmentation": rle_compressed(_box(slice(0, 16), slice(24, W))),
+            },
+            {
+                "image_id": 3,
+                "category_id": 98,
+                "segmentation": rle_compressed(_box(slice(16, H), slice(24, W))),
+            },
+        ]
+    if bad_category:
+        train["images"].append(_coco_image(4, "train2017"))
+        train["annotations"] += [
+            {"id": 14, "image_id": 4, "category_id": 1, "segmentation": poly},
+            {"id": 15, "image_id": 4, "category_id": 1300, "segmentation": poly},
+        ]
     stuff_val = {
         "annotations": [
             {
@@ -396,7 +422,11 @@ def make_coco_lvis(manual_dir: Path) -> dict:
     )
     write_zip(
         manual_dir / "train2017.zip",
-        {"train2017/000000000001.jpg": jpeg(60), "train2017/000000000003.jpg": jpeg(61)},
+        {
+            "train2017/000000000001.jpg": jpeg(60),
+            "train2017/000000000003.jpg": jpeg(61),
+            "train2017/000000000004.jpg": jpeg(63),
+        },
     )
     write_zip(manual_dir / "val2017.zip", {"val2017/000000000002.jpg": jpeg(62)})
 
@@ -409,6 +439,9 @@ def make_coco_lvis(manual_dir: Path) -> dict:
     two[2:10, 4:20] = 1202  # the LVIS polygon; banner stuff everywhere else
     three = np.full((H, W), V, np.uint16)
     three[:, 0:24] = 1253
+    if blanket_cabinet:
+        three[0:16, 24:] = 109
+        three[16:, 24:] = 180
     return {
         "train": {"train2017/000000000001.jpg": one},
         "validation": {"val2017/000000000002.jpg": two, "train2017/000000000003.jpg": three},

@@ -29,10 +29,12 @@ import tarfile
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxscaleseg.data import image_classes
 from jaxscaleseg.labels import STORED_VOID
 
 DEFAULT_MAX_CORRUPT_FRACTION = 0.01
@@ -167,6 +169,22 @@ class Archive:
                 return self._zip.read(name)
             self._index()
             return self._tar.extractfile(self._members[name]).read()
+        except KeyError:
+            raise CorruptExampleError(f"{name} is missing from {self.path}") from None
+        except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError) as e:
+            raise CorruptExampleError(f"cannot read {name} from {self.path} ({e})") from e
+
+    def open(self, name: str) -> BinaryIO:
+        """A file object streaming member ``name`` (nothing is read whole); close it after use.
+
+        Raises:
+          CorruptExampleError: the member is missing or cannot be opened.
+        """
+        try:
+            if self._zip is not None:
+                return self._zip.open(name)
+            self._index()
+            return self._tar.extractfile(self._members[name])
         except KeyError:
             raise CorruptExampleError(f"{name} is missing from {self.path}") from None
         except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError) as e:
@@ -389,6 +407,12 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     def _split_sources(self, dl_manager) -> dict[str, Iterator[Source] | Sequence[Source]]:
         raise NotImplementedError
 
+    def download_and_prepare(self, *args, **kwargs):
+        """TFDS's preparation, then each split's image-classes sidecar (see
+        :mod:`jaxscaleseg.data.image_classes`) where it is missing or stale."""
+        super().download_and_prepare(*args, **kwargs)
+        write_image_classes(self)
+
     def _split_generators(self, dl_manager):
         sources = self._split_sources(dl_manager)
         return {split: self._generate_examples(split, srcs) for split, srcs in sources.items()}
@@ -400,3 +424,21 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
             split=split,
             max_corrupt_fraction=self._max_corrupt_fraction,
         )
+
+
+def write_image_classes(builder: tfds.core.DatasetBuilder) -> None:
+    """Writes ``<split>.image_classes.npz`` beside every prepared split that lacks a current one.
+
+    Reads each record's label only (the image bytes are not decoded), in index order, once at
+    preparation, so that training never has to.
+    """
+    skip_image = {"image": tfds.decode.SkipDecoding()}
+    for split, split_info in builder.info.splits.items():
+        path = image_classes.sidecar_path(builder.data_dir, split)
+        found = image_classes.read(path)
+        if found is not None and len(found[0]) == split_info.num_examples + 1:
+            continue
+        source = builder.as_data_source(split, decoders=skip_image)
+        labels = (source[i]["label"] for i in range(len(source)))
+        n = image_classes.write(path, map(image_classes.classes_of_label, labels))
+        log.info("%s/%s: wrote the classes of %d examples to %s", builder.name, split, n, path)

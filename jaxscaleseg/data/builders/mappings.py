@@ -152,6 +152,32 @@ def stuff_to_coco_lvis() -> Mapping[int, int]:
     return {int(k): int(v) for k, v in table.items()}
 
 
+def remap_in_table_order(table: Mapping[int, int]) -> dict[int, int]:
+    """Where each key ends up when a mask is remapped in place one ``table`` entry at a time.
+
+    The original ESSNet mask script (``LVIS_COCO/generateMasks.py``) maps its stuff mask with
+    ``cmask[cmask == k] = v`` for every ``(k, v)`` of its table in turn, so a pixel whose new
+    value is a key met later is mapped again. With the packaged table in its (ascending) order
+    that happens to two stuff ids: 93 -> 110 -> 1217 and 98 -> 181 -> 1283; every other id ends
+    where ``table`` sends it.
+
+    Args:
+      table: stuff id -> COCO+LVIS id, in the order the script applies it.
+
+    Returns:
+      stuff id -> final COCO+LVIS id, same keys and order.
+    """
+    items = list(table.items())
+    out = {}
+    for start, _ in items:
+        value = start
+        for key, new in items:
+            if value == key:
+                value = new
+        out[start] = value
+    return out
+
+
 def coco_lvis_ids_to_train_ids(ids: np.ndarray) -> np.ndarray:
     """COCO+LVIS ids (0 = void, 1..1284) to train ids 0..1283.
 
