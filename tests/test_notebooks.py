@@ -3,9 +3,9 @@
 The executing tests run each notebook top to bottom in a ``python3`` kernel of this
 interpreter with nbclient, after injecting a cell of tiny parameters right after the
 ``parameters``-tagged cell (as papermill does). The install cell skips itself because
-``jaxscaleseg`` is importable; any cell error fails the test. The kernels share a persistent
-JAX compilation cache and compile with XLA's cheapest CPU optimisation level, which keeps the
-compile-bound runs short (the numbers they produce are not looked at).
+``jaxscaleseg`` is importable; any cell error fails the test. The kernels share the run's
+persistent JAX compilation cache and compile with XLA's cheapest CPU optimisation level
+(``tests/conftest.py``), which keeps the compile-bound runs short.
 """
 
 from __future__ import annotations
@@ -82,15 +82,12 @@ def test_readme_links_each_notebook_with_a_colab_badge():
 
 
 @pytest.fixture(scope="module")
-def kernel_env(tmp_path_factory) -> dict[str, str]:
-    """The kernels' environment: CPU, a shared compilation cache, quick compiles."""
-    flags = os.environ.get("XLA_FLAGS", "")
+def kernel_env() -> dict[str, str]:
+    """The kernels' environment: CPU; the run's compilation cache and quick compiles come with
+    ``os.environ`` (``tests/conftest.py``)."""
     return {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
-        "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "XLA_FLAGS": f"{flags} --xla_backend_optimization_level=0".strip(),
         "MPLBACKEND": "Agg",
         "TF_CPP_MIN_LOG_LEVEL": "3",
     }

@@ -247,8 +247,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     config = _write_config(
         tmp_path / "cfg.py", num_train_steps=steps, checkpoint_every_steps=1, eval_every_steps=0
     )
-    # The three runs compile the same programs: share them through JAX's persistent cache.
-    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache")}
+    # The three runs compile the same programs: they share them through the run's persistent
+    # compilation cache (tests/conftest.py sets it in the environment they inherit).
+    cache = {}
     straight = tmp_path / "straight"
     proc = _cli(["--config", str(config), "--workdir", str(straight)], env=cache)
     out, err = proc.communicate(timeout=300)
@@ -311,7 +312,8 @@ def test_four_devices_match_one_device(tmp_path):
         env = {
             **os.environ,
             "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
+            f"--xla_force_host_platform_device_count={devices}",
         }
         run = subprocess.run(
             [PYTHON, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
