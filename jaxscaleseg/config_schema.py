@@ -43,9 +43,12 @@ Sections:
   freshly initialised network; classes not seen keep their uniform rows).
 * ``loss``: ``name`` (``softmax`` or ``ess``), ``num_neighbors`` (k), ``temperature``,
   ``margin``, ``separation_weight``, ``max_block_bytes`` (memory budget of the nearest-class
-  searches: the largest queries×classes block; 8 MiB keeps the step's growth with C within
-  the class table's own size plus a few MB), ``table_gradient`` (``auto``, ``scatter`` or
-  ``sorted``: how row gradients reach the class table, see ``losses.ess_objective``).
+  searches: the largest queries×classes block), ``pixels_per_chunk`` (pixels per chunk of the
+  ESS loss), ``table_gradient`` (``auto``, ``scatter``, ``sorted`` or ``matmul``: how row
+  gradients reach the class table, see ``losses.ess_objective``). The first two take an int or
+  ``"auto"`` (the default), resolved by ``losses.loss_plan`` from the backend: on CPU 8 MiB and
+  8 192 pixels (cache-sized; 8 MiB keeps the step's growth with C within the class table's own
+  size plus a few MB), on GPU/TPU 1 GiB and 2¹⁸ pixels (few, large kernels).
 * ``optim``: see :func:`jaxscaleseg.optim.make_optimizer`.
 """
 
@@ -135,7 +138,9 @@ def base_config() -> ml_collections.ConfigDict:
     loss.temperature = 20.0
     loss.margin = 0.2
     loss.separation_weight = 1.0
-    loss.max_block_bytes = 8 * 2**20
+    # "auto" or an int (field_type=object: `--config.loss.max_block_bytes=8388608` stays an int).
+    loss.max_block_bytes = ml_collections.FieldReference("auto", field_type=object)
+    loss.pixels_per_chunk = ml_collections.FieldReference("auto", field_type=object)
     loss.table_gradient = "auto"
     loss.negatives = "nearest_other"
 
@@ -223,6 +228,13 @@ def _pair(value, name: str, allow_empty: bool) -> None:
         return
     if len(value) != 2 or any(int(v) < 1 for v in value):
         raise ConfigError(f"{name} must be two positive sizes (h, w), got {tuple(value)}")
+
+
+def _auto_or_int(value, name: str, minimum: int) -> None:
+    if value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be 'auto' or an int >= {minimum}, got {value!r}")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -327,8 +339,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"loss.table_gradient must be one of {losses.TABLE_GRADIENTS}, "
             f"got {loss.table_gradient!r}"
         )
-    if loss.max_block_bytes < 2**16:
-        raise ConfigError(f"loss.max_block_bytes must be >= 65536, got {loss.max_block_bytes}")
+    _auto_or_int(loss.max_block_bytes, "loss.max_block_bytes", 2**16)
+    _auto_or_int(loss.pixels_per_chunk, "loss.pixels_per_chunk", 1)
     if loss.temperature <= 0:
         raise ConfigError(f"loss.temperature must be > 0, got {loss.temperature}")
     if o.name not in ("sgd", "adam"):

@@ -33,6 +33,15 @@ import jax.numpy as jnp
 from jax import lax
 
 DEFAULT_MAX_BLOCK_BYTES = 64 * 2**20
+# What ``max_block_bytes="auto"`` means on each backend. CPU: the training configs' cache-sized
+# budget (the CPU figures of BENCHMARKS.md §2 were measured with it). GPU/TPU: every iteration of
+# the search loop is at least one kernel launch, so blocks of a GiB (C = 1 284 at N = 8·512²:
+# about 20 row blocks instead of 2 571 at 8 MiB).
+AUTO_BLOCK_BYTES = {"cpu": 8 * 2**20}
+ACCELERATOR_BLOCK_BYTES = 2**30
+# No block reaches 2³¹ elements whatever the budget (XLA's GPU top-k indexes a block's rows in
+# 32 bits); half of that leaves room for the padding of the pyramid's class axis.
+MAX_BLOCK_ELEMENTS = 2**30
 # Rows of queries processed together below which the class axis is cut into column blocks.
 _MIN_ROWS_PER_BLOCK = 32
 # Each block element is a float32 score, and XLA may hold it and one masked copy at once.
@@ -81,6 +90,32 @@ def unit_rows(rows: jax.Array) -> jax.Array:
     return rows * inverse_norms(rows)
 
 
+def resolve_block_bytes(max_block_bytes: int | str, backend: str | None = None) -> int:
+    """The block budget in bytes: an int as given, ``"auto"`` by backend.
+
+    Args:
+      max_block_bytes: a positive int, or ``"auto"``: ``AUTO_BLOCK_BYTES[backend]`` (8 MiB on
+        CPU), ``ACCELERATOR_BLOCK_BYTES`` (1 GiB) on any other backend.
+      backend: ``"cpu"``, ``"gpu"``, ``"tpu"``...; None: ``jax.default_backend()``.
+
+    Returns:
+      int bytes.
+    """
+    if isinstance(max_block_bytes, str):
+        if max_block_bytes != "auto":
+            raise ValueError(f"max_block_bytes={max_block_bytes!r}; expected 'auto' or an int")
+        backend = backend or jax.default_backend()
+        return AUTO_BLOCK_BYTES.get(backend, ACCELERATOR_BLOCK_BYTES)
+    if int(max_block_bytes) < 1:
+        raise ValueError(f"max_block_bytes={max_block_bytes} must be positive")
+    return int(max_block_bytes)
+
+
+def block_elements(max_block_bytes: int) -> int:
+    """Scores a block may hold: the budget at 8 bytes per element, below ``MAX_BLOCK_ELEMENTS``."""
+    return min(max(max_block_bytes // _BYTES_PER_BLOCK_ELEMENT, 1), MAX_BLOCK_ELEMENTS)
+
+
 def block_shape(
     num_queries: int,
     num_classes: int,
@@ -96,9 +131,10 @@ def block_shape(
 
     Returns:
       ``(rows, cols)`` with ``rows * cols * 8 <= max_block_bytes`` (for budgets of at least
-      a few hundred bytes), ``rows <= num_queries`` and ``cols <= num_classes``.
+      a few hundred bytes) and ``rows * cols <= MAX_BLOCK_ELEMENTS``, ``rows <= num_queries``
+      and ``cols <= num_classes``.
     """
-    elements = max(max_block_bytes // _BYTES_PER_BLOCK_ELEMENT, 1)
+    elements = block_elements(max_block_bytes)
     if elements // num_classes >= min(_MIN_ROWS_PER_BLOCK, num_queries):
         rows = min(num_queries, elements // num_classes)
         return max(rows, 1), num_classes
@@ -120,7 +156,7 @@ def _selection_block_shape(
         num_queries,
         max(_MIN_ROWS_PER_BLOCK, _SELECTION_BLOCK_BYTES // _BYTES_PER_BLOCK_ELEMENT // num_classes),
     )
-    if rows * num_classes * _BYTES_PER_BLOCK_ELEMENT <= max_block_bytes:
+    if rows * num_classes <= block_elements(max_block_bytes):
         return rows, num_classes
     return block_shape(num_queries, num_classes, max_block_bytes)
 
@@ -367,6 +403,23 @@ def _search_rows(
     return ids
 
 
+SEARCH_METHODS = ("auto", "pyramid", "top_k")
+
+
+def resolve_method(method: str, backend: str | None = None) -> str:
+    """``"pyramid"`` or ``"top_k"``: ``"auto"`` is the pyramid on CPU, ``lax.top_k`` elsewhere.
+
+    Args:
+      method: one of ``SEARCH_METHODS``.
+      backend: None: ``jax.default_backend()``.
+    """
+    if method not in SEARCH_METHODS:
+        raise ValueError(f"method={method!r}; expected one of {SEARCH_METHODS}")
+    if method == "auto":
+        return "pyramid" if (backend or jax.default_backend()) == "cpu" else "top_k"
+    return method
+
+
 def _drop_excluded(ids: jax.Array, exclude: jax.Array) -> jax.Array:
     """The first k of k+1 ascending ids once ``exclude`` is removed.
 
@@ -388,7 +441,7 @@ def nearest_class_ids(
     k: int,
     *,
     exclude: jax.Array | None = None,
-    max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
+    max_block_bytes: int | str = DEFAULT_MAX_BLOCK_BYTES,
     method: str = "auto",
     normalize_classes: bool = False,
 ) -> jax.Array:
@@ -400,7 +453,8 @@ def nearest_class_ids(
       k: number of neighbours, ``1 <= k <= C`` (``C - 1`` when ``exclude`` is given).
       exclude: int ``[...]`` (the leading shape of ``queries``): for each query one class id
         that is never returned (e.g. its target). Ids outside ``[0, C)`` exclude nothing.
-      max_block_bytes: budget for the queries×classes block held at once.
+      max_block_bytes: budget for the queries×classes block held at once, or ``"auto"``
+        (by backend, see :func:`resolve_block_bytes`).
       method: how each block's k smallest are selected: ``"pyramid"`` (pruning over group
         minima with one reduction per selection, on cache-sized blocks within the budget;
         fastest on CPU), ``"top_k"`` (``lax.top_k``, fastest on GPU and TPU) or ``"auto"`` (by
@@ -412,10 +466,8 @@ def nearest_class_ids(
     Returns:
       int32 ``[..., k]``, nearest first.
     """
-    if method == "auto":
-        method = "pyramid" if jax.default_backend() == "cpu" else "top_k"
-    if method not in ("pyramid", "top_k"):
-        raise ValueError(f"method={method!r}; expected 'auto', 'pyramid' or 'top_k'")
+    method = resolve_method(method)
+    max_block_bytes = resolve_block_bytes(max_block_bytes)
     num_classes, dim = class_emb.shape
     if queries.shape[-1] != dim:
         raise ValueError(
@@ -516,7 +568,7 @@ def nearest_classes(
     k: int,
     *,
     exclude: jax.Array | None = None,
-    max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
+    max_block_bytes: int | str = DEFAULT_MAX_BLOCK_BYTES,
     method: str = "auto",
 ) -> tuple[jax.Array, jax.Array]:
     """The k nearest classes of each query and their distances, exact and memory-bounded.
@@ -527,7 +579,8 @@ def nearest_classes(
       class_emb: ``[C, D]`` float.
       k: number of neighbours, ``1 <= k <= C`` (``C - 1`` when ``exclude`` is given).
       exclude: optional int ``[...]``: one class id per query never returned.
-      max_block_bytes: budget for the queries×classes block held at once (default 64 MiB).
+      max_block_bytes: budget for the queries×classes block held at once (default 64 MiB;
+        ``"auto"``: by backend).
       method: block selection, see :func:`nearest_class_ids`.
 
     Returns:
@@ -549,7 +602,7 @@ def assign(
     queries: jax.Array,
     class_emb: jax.Array,
     *,
-    max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
+    max_block_bytes: int | str = DEFAULT_MAX_BLOCK_BYTES,
     method: str = "auto",
 ) -> jax.Array:
     """The nearest class of each query (inference for the embedding head).
@@ -557,7 +610,7 @@ def assign(
     Args:
       queries: ``[..., D]`` float pixel embeddings.
       class_emb: ``[C, D]`` float class embeddings.
-      max_block_bytes: budget for the queries×classes block held at once.
+      max_block_bytes: budget for the queries×classes block held at once, or ``"auto"``.
       method: block selection, see :func:`nearest_class_ids`.
 
     Returns:

@@ -22,8 +22,84 @@ from jaxscaleseg.labels import IGNORE_INDEX
 # Pixels per chunk of the ESS loss; each chunk's k+1 gathered class rows are recomputed in the
 # backward pass instead of being stored for all pixels at once.
 _DEFAULT_PIXELS_PER_CHUNK = 8192
+# What ``pixels_per_chunk="auto"`` means: the cache-sized chunk on CPU (as measured in
+# BENCHMARKS.md §2); on GPU/TPU a chunk is a loop iteration of several kernels, so 2¹⁸ pixels
+# (8 chunks a step at batch 8, 512×512).
+AUTO_PIXELS_PER_CHUNK = {"cpu": _DEFAULT_PIXELS_PER_CHUNK}
+ACCELERATOR_PIXELS_PER_CHUNK = 2**18
 # Classes per chunk of the separation loss (its gathered nearest rows, forward and backward).
 _CLASSES_PER_CHUNK = 8192
+# Largest C for which ``table_gradient="auto"`` takes the matmul on GPU/TPU: its work grows as
+# N·C (like the exact search's), the sorted path's as N·log N. A guess until benchmarks.gpu_check
+# has measured both on a GPU.
+MATMUL_MAX_CLASSES = 8192
+TABLE_GRADIENTS = ("auto", "scatter", "sorted", "matmul")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossPlan:
+    """How the ESS objective is cut up and how its table gradient is summed.
+
+    Attributes:
+      max_block_bytes: budget of the nearest-class searches (queries×classes scores, and the
+        matmul table gradient's classes×pixels weights).
+      pixels_per_chunk: pixels per chunk of the loss (rows gathered and recomputed per chunk).
+      table_gradient: ``"scatter"``, ``"sorted"`` or ``"matmul"`` (see :func:`ess_objective`).
+      search_method: ``"pyramid"`` or ``"top_k"`` (see ``knn.nearest_class_ids``).
+    """
+
+    max_block_bytes: int
+    pixels_per_chunk: int
+    table_gradient: str
+    search_method: str
+
+
+def loss_plan(
+    backend: str | None,
+    num_classes: int,
+    *,
+    max_block_bytes: int | str = "auto",
+    pixels_per_chunk: int | str = "auto",
+    table_gradient: str = "auto",
+    search_method: str = "auto",
+) -> LossPlan:
+    """Resolves every ``"auto"`` setting of the ESS objective for a backend (pure).
+
+    On ``"cpu"``: 8 MiB blocks, 8 192-pixel chunks, scatter-add, the pyramid search (the values
+    the CPU benchmarks were measured with). On any other backend: 1 GiB blocks, 2¹⁸-pixel
+    chunks, ``lax.top_k``, and the matmul table gradient up to ``MATMUL_MAX_CLASSES`` classes,
+    the sorted one above (no contended float atomics either way). Ints and named methods are
+    kept as given.
+
+    Args:
+      backend: ``"cpu"``, ``"gpu"``, ``"tpu"``...; None: ``jax.default_backend()``.
+      num_classes: C.
+      max_block_bytes, pixels_per_chunk, table_gradient, search_method: the settings, each
+        ``"auto"`` or a value.
+
+    Returns:
+      The resolved :class:`LossPlan`.
+    """
+    backend = backend or jax.default_backend()
+    if table_gradient not in TABLE_GRADIENTS:
+        raise ValueError(f"table_gradient={table_gradient!r}; expected one of {TABLE_GRADIENTS}")
+    if isinstance(pixels_per_chunk, str):
+        if pixels_per_chunk != "auto":
+            raise ValueError(f"pixels_per_chunk={pixels_per_chunk!r}; expected 'auto' or an int")
+        pixels_per_chunk = AUTO_PIXELS_PER_CHUNK.get(backend, ACCELERATOR_PIXELS_PER_CHUNK)
+    if int(pixels_per_chunk) < 1:
+        raise ValueError(f"pixels_per_chunk={pixels_per_chunk} must be positive")
+    if table_gradient == "auto":
+        if backend == "cpu":
+            table_gradient = "scatter"
+        else:
+            table_gradient = "matmul" if num_classes <= MATMUL_MAX_CLASSES else "sorted"
+    return LossPlan(
+        max_block_bytes=knn.resolve_block_bytes(max_block_bytes, backend),
+        pixels_per_chunk=int(pixels_per_chunk),
+        table_gradient=table_gradient,
+        search_method=knn.resolve_method(search_method, backend),
+    )
 
 
 def _mean_over_valid(per_pixel: jax.Array, valid: jax.Array) -> jax.Array:
@@ -48,7 +124,8 @@ class _Terms:
     classes_per_chunk: int
     with_ess: bool
     with_separation: bool
-    sorted_scatter: bool = False
+    table_gradient: str = "scatter"
+    classes_per_block: int = 1
 
 
 def _read_rows(raw: jax.Array, normalize: bool) -> tuple[jax.Array, jax.Array | None]:
@@ -112,10 +189,11 @@ def _add_rows(table: jax.Array, ids: jax.Array, rows: jax.Array, presorted: bool
     """
     if not presorted:
         return table.at[ids].add(rows)
-    dim = table.shape[-1]
+    num_classes, dim = table.shape
     flat_ids = ids.reshape(-1)
     flat_rows = rows.reshape(-1, dim)
-    sorted_ids, order = lax.sort_key_val(flat_ids, jnp.arange(flat_ids.shape[0], dtype=jnp.int32))
+    positions = jnp.arange(flat_ids.shape[0], dtype=jnp.int32)
+    sorted_ids, order = lax.sort_key_val(flat_ids, positions)
     sorted_rows = flat_rows[order]
     starts = jnp.concatenate([jnp.ones((1,), bool), sorted_ids[1:] != sorted_ids[:-1]])
 
@@ -128,8 +206,99 @@ def _add_rows(table: jax.Array, ids: jax.Array, rows: jax.Array, presorted: bool
 
     _, running = lax.associative_scan(combine, (starts, sorted_rows))
     ends = jnp.concatenate([starts[1:], jnp.ones((1,), bool)])
-    targets = jnp.where(ends, sorted_ids, table.shape[0])  # out of range: dropped
+    # Each id's last entry writes its sum; every other entry gets its own id past the table
+    # (dropped), so that the indices are truly unique, as unique_indices promises.
+    targets = jnp.where(ends, sorted_ids, num_classes + positions)
     return table.at[targets].add(running, mode="drop", unique_indices=True)
+
+
+def _add_rows_by_matmul(
+    table: jax.Array,
+    classes: jax.Array,
+    normalize: bool,
+    pixels: jax.Array,
+    candidates: jax.Array,
+    coefficients: jax.Array,
+    classes_per_block: int,
+) -> jax.Array:
+    """Adds ``Σ_(p,j): candidates[p,j]=c  a[p,j] (u_c − pixels[p])`` to each raw row c.
+
+    The ESS row gradient of candidate j of pixel p is ``a[p,j] (u_c − p)`` (``u_c`` the class
+    row as read, :func:`_ess_chunk_coefficients`), so class c receives ``u_c·Σa − Σ a·p``. For a
+    block of classes both sums are one matmul of the weights ``W[c, p] = Σ_j a[p,j]·[candidates
+    [p,j] = c]`` (built elementwise, never stored per candidate) with the pixels augmented by a
+    column of ones: no scatter, no sort, no atomics; the work grows as pixels × C. Then the
+    gradient with respect to ``u_c`` is carried to the raw row (linear, so summed first).
+
+    Args:
+      table: float32 ``[C, D]``, the gradient so far.
+      classes: float32 ``[C, D]``, the table the loss reads.
+      normalize: the loss reads ``classes`` scaled to unit rows.
+      pixels: float32 ``[P, D]``.
+      candidates: int32 ``[P, k + 1]``.
+      coefficients: float32 ``[P, k + 1]``.
+      classes_per_block: classes per matmul block (the weights are ``[block, P]`` float32).
+
+    Returns:
+      float32 ``[C, D]``.
+    """
+    num_classes, dim = table.shape
+    block = min(classes_per_block, num_classes)
+    augmented = jnp.concatenate([pixels, jnp.ones((pixels.shape[0], 1), pixels.dtype)], axis=1)
+
+    def add_block(index, grad):
+        covered = index * block
+        start = jnp.minimum(covered, num_classes - block)
+        ids = start + jnp.arange(block, dtype=jnp.int32)
+        # The last block starts early to stay inside the table: its classes below `covered`
+        # were added by the block before it and get no weight here.
+        ids = jnp.where(ids >= covered, ids, -1)
+        weights = jnp.zeros((block, pixels.shape[0]), jnp.float32)
+        for slot in range(candidates.shape[1]):
+            match = candidates[None, :, slot] == ids[:, None]
+            weights = weights + jnp.where(match, coefficients[None, :, slot], 0.0)
+        sums = jnp.dot(weights, augmented, precision=lax.Precision.HIGHEST)  # [block, D + 1]
+        rows, inverse_norms = _read_rows(lax.dynamic_slice_in_dim(classes, start, block), normalize)
+        row_grad = rows * sums[:, dim:] - sums[:, :dim]
+        row_grad = _raw_row_gradient(rows, inverse_norms, row_grad)
+        return lax.dynamic_update_slice_in_dim(
+            grad, lax.dynamic_slice_in_dim(grad, start, block) + row_grad, start, 0
+        )
+
+    return lax.fori_loop(0, -(-num_classes // block), add_block, table)
+
+
+def _ess_chunk_coefficients(pixels, rows, valid, temperature, cotangent):
+    """The ESS gradient of one chunk as one scalar per candidate.
+
+    With ``d_j = ‖p − r_j‖`` (clamped as ``knn.pairwise_distance``) and ``a_j = (∂loss/∂d_j)
+    / d_j`` (0 where the clamp holds), ``∂loss/∂r_j = a_j (r_j − p)`` and ``∂loss/∂p = Σ_j a_j
+    (p − r_j)``.
+
+    Args:
+      pixels: float32 ``[P, D]``.
+      rows: float32 ``[P, k + 1, D]``, as :func:`_ess_chunk_sum` reads them.
+      valid: bool ``[P]``.
+      temperature: T.
+      cotangent: float32 scalar, the cotangent of the chunk's sum.
+
+    Returns:
+      ``(a [P, k + 1], pixel_grad [P, D])``, float32.
+    """
+    diff = pixels[:, None, :] - rows
+    squared = jnp.sum(diff * diff, axis=-1)
+    distances = jnp.sqrt(jnp.maximum(squared, 1e-12))
+
+    def chunk_sum(distances):
+        logits = -temperature * distances
+        per_pixel = jax.nn.logsumexp(logits, axis=-1) - logits[:, 0]
+        return jnp.sum(jnp.where(valid, per_pixel, 0.0))
+
+    _, pullback = jax.vjp(chunk_sum, distances)
+    (distance_grad,) = pullback(cotangent)
+    coefficients = jnp.where(squared > 1e-12, distance_grad / distances, 0.0)
+    pixel_grad = jnp.sum(coefficients[..., None] * diff, axis=1)
+    return coefficients, pixel_grad
 
 
 def _ess_chunk_sum(pixels, rows, valid, temperature):
@@ -273,7 +442,8 @@ def _loss_sums_bwd(terms, residuals, cotangents):
             grad = lax.dynamic_update_slice_in_dim(
                 grad, lax.dynamic_slice_in_dim(grad, start, chunk) + own_grad, start, 0
             )
-            return _add_rows(grad, nearest_ids, other_grad, terms.sorted_scatter)
+            # One row per class: little contention, but no atomics where they are avoided.
+            return _add_rows(grad, nearest_ids, other_grad, terms.table_gradient != "scatter")
 
         table_grad = lax.fori_loop(0, -(-num_classes // chunk), separation_step, table_grad)
 
@@ -283,15 +453,26 @@ def _loss_sums_bwd(terms, residuals, cotangents):
         def ess_step(grad, xs):
             chunk_pixels, chunk_targets, chunk_neighbors, chunk_valid = xs
             chunk_candidates = _candidates(chunk_targets, chunk_neighbors)
-
-            def chunk_sum(chunk_pixels, rows):
-                return _ess_chunk_sum(chunk_pixels, rows, chunk_valid, terms.temperature)
-
             rows, inverse_norms = _read_rows(classes[chunk_candidates], terms.normalize)
-            _, pullback = jax.vjp(chunk_sum, chunk_pixels, rows)
-            chunk_pixel_grad, rows_grad = pullback(ess_cotangent)
-            rows_grad = _raw_row_gradient(rows, inverse_norms, rows_grad)
-            grad = _add_rows(grad, chunk_candidates, rows_grad, terms.sorted_scatter)
+            coefficients, chunk_pixel_grad = _ess_chunk_coefficients(
+                chunk_pixels, rows, chunk_valid, terms.temperature, ess_cotangent
+            )
+            if terms.table_gradient == "matmul":
+                grad = _add_rows_by_matmul(
+                    grad,
+                    classes,
+                    terms.normalize,
+                    chunk_pixels,
+                    chunk_candidates,
+                    coefficients,
+                    terms.classes_per_block,
+                )
+            else:
+                rows_grad = coefficients[..., None] * (rows - chunk_pixels[:, None, :])
+                rows_grad = _raw_row_gradient(rows, inverse_norms, rows_grad)
+                grad = _add_rows(
+                    grad, chunk_candidates, rows_grad, terms.table_gradient == "sorted"
+                )
             return grad, chunk_pixel_grad
 
         chunks = _pixel_chunks(pixels, targets, neighbors, valid, terms.pixels_per_chunk)
@@ -303,7 +484,6 @@ def _loss_sums_bwd(terms, residuals, cotangents):
 _loss_sums.defvjp(_loss_sums_fwd, _loss_sums_bwd)
 
 
-TABLE_GRADIENTS = ("auto", "scatter", "sorted")
 # How each pixel's k negatives are chosen (``ess_objective``'s ``negatives``).
 NEGATIVE_RULES = ("nearest_other", "original")
 
@@ -327,15 +507,6 @@ def original_rule_negatives(neighbors: jax.Array, targets: jax.Array) -> jax.Arr
     return jnp.where(neighbors == column, jnp.maximum(column - 1, 0), neighbors)
 
 
-def _sorted_scatter(table_gradient: str) -> bool:
-    """Whether the table gradient sums duplicate ids before scattering (see ``_add_rows``)."""
-    if table_gradient not in TABLE_GRADIENTS:
-        raise ValueError(f"table_gradient={table_gradient!r}; expected one of {TABLE_GRADIENTS}")
-    if table_gradient == "auto":
-        return jax.default_backend() == "gpu"
-    return table_gradient == "sorted"
-
-
 def _check_table(class_emb: jax.Array, what: str) -> tuple[int, int]:
     """``(C, D)`` of a class table, which must be ``[C, D]`` with C >= 2."""
     if class_emb.ndim != 2:
@@ -357,10 +528,11 @@ def ess_objective(
     separation_weight: float = 1.0,
     normalize_classes: bool = False,
     ignore_index: int = IGNORE_INDEX,
-    max_block_bytes: int = knn.DEFAULT_MAX_BLOCK_BYTES,
-    pixels_per_chunk: int = _DEFAULT_PIXELS_PER_CHUNK,
+    max_block_bytes: int | str = knn.DEFAULT_MAX_BLOCK_BYTES,
+    pixels_per_chunk: int | str = _DEFAULT_PIXELS_PER_CHUNK,
     table_gradient: str = "auto",
     negatives: str = "nearest_other",
+    search_method: str = "auto",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The training objective ``ess_loss + separation_weight · separation_loss`` in one pass.
 
@@ -380,13 +552,19 @@ def ess_objective(
       separation_weight: weight of the separation term; 0 leaves it out.
       normalize_classes: ``class_emb`` holds raw rows; each is scaled to unit length where it
         is read (the gradient flows through that scaling, as through ``l2_normalize``).
-      max_block_bytes: memory budget of the nearest-class searches.
-      table_gradient: how row gradients reach the table: ``"scatter"`` (a scatter-add; CPU),
-        ``"sorted"`` (rows summed per class id after a sort, then written once per id; see
-        ``_add_rows``) or ``"auto"`` (sorted on GPUs, scatter elsewhere).
+      max_block_bytes: memory budget of the nearest-class searches (and of the matmul table
+        gradient's weights), or ``"auto"`` (by backend, :func:`loss_plan`).
+      pixels_per_chunk: as in :func:`ess_loss`, or ``"auto"`` (by backend).
+      table_gradient: how row gradients reach the table: ``"scatter"`` (a scatter-add: fastest
+        on CPU; atomics on GPUs), ``"sorted"`` (each chunk's rows summed per class id after a
+        sort, then written once per id; see ``_add_rows``), ``"matmul"`` (per block of classes,
+        a pixels-weighted sum as one matmul; no sort, no scatter; see
+        ``_add_rows_by_matmul``) or ``"auto"`` (:func:`loss_plan`: scatter on CPU; matmul up to
+        ``MATMUL_MAX_CLASSES`` classes, sorted above, on GPU/TPU).
       negatives: ``"nearest_other"`` (the paper: the k nearest classes other than the target)
         or ``"original"`` (the original code: the k nearest classes, a target among them
         replaced as in :func:`original_rule_negatives`).
+      search_method: the nearest-class search's selection (``knn.nearest_class_ids``).
 
     Returns:
       ``(total, {"ess": ..., "separation": ...})``, float32 scalars; ``separation`` is 0 when
@@ -399,6 +577,14 @@ def ess_objective(
         )
     if pixel_emb.shape[:-1] != labels.shape or pixel_emb.shape[-1] != dim:
         raise ValueError(f"pixel_emb {pixel_emb.shape} must be labels {labels.shape} + (D={dim},)")
+    plan = loss_plan(
+        None,
+        num_classes,
+        max_block_bytes=max_block_bytes,
+        pixels_per_chunk=pixels_per_chunk,
+        table_gradient=table_gradient,
+        search_method=search_method,
+    )
     pixels = jnp.asarray(pixel_emb, jnp.float32).reshape(-1, dim)
     flat_labels = jnp.asarray(labels, jnp.int32).reshape(-1)
     classes = jnp.asarray(class_emb, jnp.float32)
@@ -412,13 +598,14 @@ def ess_objective(
         classes,
         num_neighbors,
         exclude=None if original else targets,
-        max_block_bytes=max_block_bytes,
+        max_block_bytes=plan.max_block_bytes,
+        method=plan.search_method,
         normalize_classes=normalize_classes,
     )
     if original:
         neighbors = original_rule_negatives(neighbors, targets)
     num_pixels = pixels.shape[0]
-    chunk = max(1, min(pixels_per_chunk, num_pixels))
+    chunk = max(1, min(plan.pixels_per_chunk, num_pixels))
     extra = -num_pixels % chunk
     if extra:
         pixels = jnp.pad(pixels, ((0, extra), (0, 0)))
@@ -427,7 +614,7 @@ def ess_objective(
         valid = jnp.pad(valid, (0, extra))
     with_separation = separation_weight != 0
     nearest = (
-        _nearest_other_class(classes, max_block_bytes, normalize_classes)
+        _nearest_other_class(classes, plan.max_block_bytes, normalize_classes, plan.search_method)
         if with_separation
         else jnp.zeros((num_classes,), jnp.int32)
     )
@@ -439,7 +626,9 @@ def ess_objective(
         classes_per_chunk=min(_CLASSES_PER_CHUNK, num_classes),
         with_ess=True,
         with_separation=with_separation,
-        sorted_scatter=_sorted_scatter(table_gradient),
+        table_gradient=plan.table_gradient,
+        # The matmul's [classes, pixels] float32 weights within the block budget.
+        classes_per_block=max(1, plan.max_block_bytes // (4 * chunk)),
     )
     ess_sum, separation_sum = _loss_sums(pixels, targets, neighbors, valid, nearest, classes, terms)
     ess = ess_sum / jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
@@ -507,7 +696,9 @@ def ess_loss(
     return parts["ess"]
 
 
-def _nearest_other_class(classes: jax.Array, max_block_bytes: int, normalize: bool) -> jax.Array:
+def _nearest_other_class(
+    classes: jax.Array, max_block_bytes: int, normalize: bool, method: str = "auto"
+) -> jax.Array:
     """int32 ``[C]``: each class's nearest other class (bounded search, no gradient)."""
     own_ids = jnp.arange(classes.shape[0], dtype=jnp.int32)
     return knn.nearest_class_ids(
@@ -516,6 +707,7 @@ def _nearest_other_class(classes: jax.Array, max_block_bytes: int, normalize: bo
         1,
         exclude=own_ids,
         max_block_bytes=max_block_bytes,
+        method=method,
         normalize_classes=normalize,
     )[:, 0]
 
@@ -553,7 +745,7 @@ def separation_loss(
         classes_per_chunk=min(_CLASSES_PER_CHUNK, num_classes),
         with_ess=False,
         with_separation=True,
-        sorted_scatter=_sorted_scatter("auto"),
+        table_gradient=loss_plan(None, num_classes).table_gradient,
     )
     nearest = _nearest_other_class(classes, max_block_bytes, False)
     no_pixels = jnp.zeros((0, dim), jnp.float32)

@@ -97,7 +97,8 @@ class LossSpec:
       margin: separation margin.
       separation_weight: weight of ``separation_loss``.
       max_block_bytes: memory budget of the nearest-class searches (the largest
-        queries×classes block held at once).
+        queries×classes block held at once), or ``"auto"`` (``losses.loss_plan``).
+      pixels_per_chunk: pixels per chunk of the ESS loss, or ``"auto"``.
       table_gradient: how row gradients reach the class table (``losses.ess_objective``).
     """
 
@@ -106,7 +107,8 @@ class LossSpec:
     temperature: float = 20.0
     margin: float = 0.2
     separation_weight: float = 1.0
-    max_block_bytes: int = 8 * 2**20
+    max_block_bytes: int | str = "auto"
+    pixels_per_chunk: int | str = "auto"
     table_gradient: str = "auto"
 
     @classmethod
@@ -118,7 +120,8 @@ class LossSpec:
             temperature=float(config.temperature),
             margin=float(config.margin),
             separation_weight=float(config.separation_weight),
-            max_block_bytes=int(config.max_block_bytes),
+            max_block_bytes=config.max_block_bytes,
+            pixels_per_chunk=config.pixels_per_chunk,
             table_gradient=config.table_gradient,
         )
 
@@ -157,6 +160,7 @@ def compute_loss(
         separation_weight=spec.separation_weight,
         normalize_classes=class_table is not None,
         max_block_bytes=spec.max_block_bytes,
+        pixels_per_chunk=spec.pixels_per_chunk,
         table_gradient=spec.table_gradient,
     )
 

@@ -113,6 +113,53 @@ def test_bad_arguments_are_named():
         knn.nearest_classes(queries[:, :3], classes, 2)
 
 
+def test_auto_budget_is_per_backend():
+    # CPU keeps the cache-sized budget the CPU benchmarks were measured with.
+    assert knn.resolve_block_bytes("auto", "cpu") == 8 * 2**20
+    assert knn.resolve_block_bytes("auto", "gpu") == knn.resolve_block_bytes("auto", "tpu") == 2**30
+    assert knn.resolve_block_bytes(12345, "gpu") == 12345
+    assert knn.resolve_method("auto", "cpu") == "pyramid"
+    assert knn.resolve_method("auto", "gpu") == "top_k"
+    with pytest.raises(ValueError, match="max_block_bytes='big'"):
+        knn.resolve_block_bytes("big")
+    with pytest.raises(ValueError, match="method='heap'"):
+        knn.resolve_method("heap")
+
+
+def test_gpu_sized_blocks_never_reach_two_to_the_31_elements():
+    budget = knn.resolve_block_bytes("auto", "gpu")
+    # N = 8·512², C = 1 284: about 20 row blocks, not thousands.
+    rows, cols = knn.block_shape(8 * 512**2, 1284, budget)
+    assert cols == 1284 and -(-8 * 512**2 // rows) <= 32
+    for num_classes in [19, 1284, 100_000, 10**7, 10**9]:
+        for budget in [2**30, 2**36, 2**44]:  # up to budgets far above 2³¹ floats
+            rows, cols = knn.block_shape(10**8, num_classes, budget)
+            assert rows * cols <= knn.MAX_BLOCK_ELEMENTS < 2**31
+            rows, cols = knn._selection_block_shape(10**8, num_classes, budget)
+            assert rows * cols <= knn.MAX_BLOCK_ELEMENTS
+
+
+def test_search_with_more_than_two_to_the_31_scores_matches_numpy():
+    """70 000 queries × 40 000 classes (2.8·10⁹ scores, above int32) checked on sampled rows."""
+    rng = np.random.default_rng(15)
+    num_queries, num_classes, dim = 70_000, 40_000, 3
+    assert num_queries * num_classes > 2**31
+    queries = rng.normal(size=(num_queries, dim)).astype(np.float32)
+    classes = rng.normal(size=(num_classes, dim)).astype(np.float32)
+    ids = np.asarray(jax.jit(lambda q, e: knn.nearest_class_ids(q, e, 2))(queries, classes))
+    sample = np.concatenate([rng.choice(num_queries, 200, replace=False), [num_queries - 1]])
+    q = queries[sample].astype(np.float64)
+    squared = ((q[:, None, :] - classes[None].astype(np.float64)) ** 2).sum(-1)  # [201, C]
+    want = np.sort(squared, axis=1)[:, :2]
+    got = np.take_along_axis(squared, ids[sample], axis=1)
+    # The search ranks by float32 scores ‖e‖² − 2q·e: equal up to their rounding (~16 float32
+    # ulps of (‖q‖ + max‖e‖)²), whatever CPU; most ids agree exactly.
+    scale = (np.linalg.norm(q, axis=1) + np.linalg.norm(classes, axis=1).max()) ** 2
+    assert (np.abs(got - want) <= 1e-6 * scale[:, None]).all(), np.abs(got - want).max()
+    assert (ids[sample, 0] != ids[sample, 1]).all()
+    assert (ids[sample] == np.argsort(squared, axis=1, kind="stable")[:, :2]).mean() > 0.9
+
+
 def test_block_shape_respects_budget():
     for num_classes in [19, 1284, 100_000, 10_000_000]:
         rows, cols = knn.block_shape(131072, num_classes, knn.DEFAULT_MAX_BLOCK_BYTES)

@@ -343,9 +343,31 @@ def test_ess_objective_without_separation_reports_zero():
     np.testing.assert_allclose(float(total), float(losses.ess_loss(pixels, labels, classes)))
 
 
-@pytest.mark.parametrize("num_classes", [5, 19, 150])
-def test_sorted_table_gradient_matches_reference(maybe_jit, num_classes):
-    """The GPU path (rows summed per id after a sort) gives the float64 sums, duplicates and all."""
+def test_loss_plan_by_backend():
+    # CPU: exactly the sizes the CPU benchmarks were measured with.
+    cpu = losses.loss_plan("cpu", 1284)
+    assert cpu == losses.LossPlan(8 * 2**20, 8192, "scatter", "pyramid")
+    # GPU/TPU: GiB blocks, 2¹⁸-pixel chunks, top_k, and no contended atomics.
+    for backend in ("gpu", "tpu"):
+        assert losses.loss_plan(backend, 1284) == losses.LossPlan(2**30, 2**18, "matmul", "top_k")
+        assert losses.loss_plan(backend, 100_000).table_gradient == "sorted"
+    given = losses.loss_plan(
+        "gpu", 19, max_block_bytes=2**20, pixels_per_chunk=100, table_gradient="scatter"
+    )
+    assert given == losses.LossPlan(2**20, 100, "scatter", "top_k")
+    with pytest.raises(ValueError, match="pixels_per_chunk='many'"):
+        losses.loss_plan("cpu", 19, pixels_per_chunk="many")
+
+
+@pytest.mark.parametrize("table_gradient", ["scatter", "sorted", "matmul"])
+@pytest.mark.parametrize("search_method", ["pyramid", "top_k"])
+@pytest.mark.parametrize("num_classes", [5, 150])
+def test_table_gradients_and_searches_match_reference(table_gradient, search_method, num_classes):
+    """Every table gradient, with either search, gives the float64 values and gradients.
+
+    The budget gives the matmul blocks of 78 classes (40 000 bytes / (4 · 128 pixels)), so at
+    C = 150 the last block overlaps the first; at C = 5 many pixels share each class.
+    """
     pixels, unit, rng = random_embeddings(30 + num_classes, 500, num_classes, 6)
     raw = unit * rng.uniform(0.5, 2.0, (num_classes, 1)).astype(np.float32)
     labels = rng.integers(-1, num_classes, 500).astype(np.int32)
@@ -359,14 +381,50 @@ def test_sorted_table_gradient_matches_reference(maybe_jit, num_classes):
             num_neighbors=k,
             margin=1.5,
             normalize_classes=True,
+            max_block_bytes=40_000,
             pixels_per_chunk=128,
-            table_gradient="sorted",
+            table_gradient=table_gradient,
+            search_method=search_method,
         )[0]
 
-    loss, (grad_pixels, grad_table) = maybe_jit(jax.value_and_grad(objective, argnums=(0, 2)))(
+    loss, (grad_pixels, grad_table) = jax.jit(jax.value_and_grad(objective, argnums=(0, 2)))(
         pixels, labels, raw
     )
     ref_total, _, _, ref_gp, ref_gt = objective_reference(pixels, labels, raw, k, 20.0, 1.5, 1.0)
+    # float32 sums of a few hundred terms: 1e-5 relative covers any CPU's summation order.
+    np.testing.assert_allclose(float(loss), ref_total, rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(grad_pixels), ref_gp, rtol=1e-5, atol=1e-5 * np.abs(ref_gp).max()
+    )
+    np.testing.assert_allclose(
+        np.asarray(grad_table), ref_gt, rtol=1e-5, atol=1e-5 * np.abs(ref_gt).max()
+    )
+
+
+def test_gpu_sized_plan_runs_on_cpu_and_matches_reference():
+    """The plan a GPU gets (1 GiB blocks, 2¹⁸-pixel chunks, top_k, matmul), run here."""
+    plan = losses.loss_plan("gpu", 300)
+    pixels, unit, rng = random_embeddings(50, 2000, 300, 8)
+    raw = unit * rng.uniform(0.5, 2.0, (300, 1)).astype(np.float32)
+    labels = rng.integers(-1, 300, 2000).astype(np.int32)
+
+    def objective(p, y, e):
+        return losses.ess_objective(
+            p,
+            y,
+            e,
+            num_neighbors=7,
+            normalize_classes=True,
+            max_block_bytes=plan.max_block_bytes,
+            pixels_per_chunk=plan.pixels_per_chunk,
+            table_gradient=plan.table_gradient,
+            search_method=plan.search_method,
+        )[0]
+
+    loss, (grad_pixels, grad_table) = jax.jit(jax.value_and_grad(objective, argnums=(0, 2)))(
+        pixels, labels, raw
+    )
+    ref_total, _, _, ref_gp, ref_gt = objective_reference(pixels, labels, raw, 7, 20.0, 0.2, 1.0)
     np.testing.assert_allclose(float(loss), ref_total, rtol=1e-5)
     np.testing.assert_allclose(
         np.asarray(grad_pixels), ref_gp, rtol=1e-5, atol=1e-5 * np.abs(ref_gp).max()
