@@ -1,0 +1,945 @@
+"""The first thing to run on a lent GPU: versions, atomics, loss and train-step timings, a profile.
+
+    python -m benchmarks.gpu_check --output_dir DIR                  # H200: within ~8 minutes
+    python -m benchmarks.gpu_check --output_dir DIR --preset tiny    # any CPU, a few seconds each
+
+Every measurement ("piece") runs in its own process with its own time limit, so a crash (a
+CUDA error, an out-of-memory abort) or a hang loses only that piece's row. Rows are appended to
+``DIR/rows.jsonl`` as they finish (one JSON object a line, ``kind`` says which table), each
+piece's exit is a ``status`` row, the pieces' output goes to ``DIR/log.txt``, and at the end
+``DIR/summary.md`` renders every table (``--summarize`` re-renders it from ``rows.jsonl``).
+Up to ``--workers`` pieces run at once: they compile side by side, but only one at a time holds
+the device (a file lock) for allocation and timing, so the timings do not overlap.
+
+The pieces (``--preset full``: batch 8, 512×512, bfloat16, D = 12, k = 7):
+
+* ``versions``: jax, jaxlib, the CUDA plugin, the driver (``nvidia-smi``), the device.
+* ``atomics``: whether a float32 scatter-add compiles to native atomic adds or to
+  compare-and-swap loops (the PTX that ``--xla_dump_to`` writes, lines in
+  ``DIR/scatter_ptx.txt``), and its time into 19 rows against 100 000 rows (contention).
+* ``matmul``: the float32 (precision HIGHEST) matmul rate, square and in the search's shape.
+* ``loss``: ``value_and_grad`` of ``losses.ess_objective`` (raw table, ``normalize_classes``,
+  the backend's ``"auto"`` sizes) at N = 8·512² for C in {19, 1 284, 100 000} with each table
+  gradient: time, compiled memory, the loss value and gradient norms (which must agree).
+* ``step``: the whole ``training.train_step`` (model, loss, SGD update) for ESS and softmax,
+  MobileNetV2 and ResNet-101 at output stride 16, C in {150, 1 284, 10 000, 100 000}: compiled
+  peak (arguments + outputs + temporaries − aliased), median step time where it fits (a step
+  whose compiled peak exceeds 90 % of the device's memory is "does not fit", never run).
+* ``floor``: beside the largest-C ESS step, the exact search's arithmetic floor, 2·N·C·(D+1)
+  flops at the measured matmul rates (computed from the rows, no process of its own).
+* ``profile``: a ``jax.profiler`` trace of one ESS step (``DIR/trace``) and its ten most
+  expensive ops with their share of the step's wall time, from the trace's device ops (on
+  CPU, from the events that carry an ``hlo_op``).
+* ``input``: where ``grain`` imports, the input pipeline's images/s (synthetic source, the
+  preset's batch and crop, ``--input_workers``) beside the steps' images/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import fcntl
+import functools
+import glob
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROWS = "rows.jsonl"
+LOG = "log.txt"
+SUMMARY = "summary.md"
+PTX_LINES = "scatter_ptx.txt"
+TRACE_DIR = "trace"
+LOCK = ".device.lock"
+# Set in a piece's environment to make it abort (tests: a crash must lose only that row).
+CRASH_ENV = "JAXSCALESEG_GPU_CHECK_CRASH"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Sizes of one run of the check."""
+
+    batch: int
+    size: int
+    dtype: str
+    embedding_dim: int
+    num_neighbors: int
+    backbones: tuple[str, ...]
+    step_classes: tuple[int, ...]
+    loss_classes: tuple[int, ...]
+    table_gradients: tuple[str, ...]
+    profile: tuple[str, int]  # (backbone, C) of the ESS step cell that is also traced
+    repeats: int
+    matmul_size: int
+    scatter_updates: int
+    step_timeout_s: int
+    loss_timeout_s: int
+    budget_s: int  # no piece starts after this many seconds
+    workers: int  # pieces at once (they compile side by side; the device is taken in turn)
+    input_workers: int  # grain worker processes of the input piece
+
+
+PRESETS = {
+    "full": Preset(
+        batch=8,
+        size=512,
+        dtype="bfloat16",
+        embedding_dim=12,
+        num_neighbors=7,
+        backbones=("mobilenet_v2", "resnet101"),
+        step_classes=(150, 1284, 10_000, 100_000),
+        loss_classes=(19, 1284, 100_000),
+        table_gradients=("scatter", "sorted", "matmul"),
+        profile=("resnet101", 1284),
+        repeats=3,
+        matmul_size=8192,
+        scatter_updates=2**22,
+        step_timeout_s=200,
+        loss_timeout_s=120,
+        budget_s=420,
+        workers=4,
+        input_workers=8,
+    ),
+    "tiny": Preset(
+        batch=1,
+        size=32,
+        dtype="float32",
+        embedding_dim=4,
+        num_neighbors=3,
+        backbones=("tiny",),
+        step_classes=(40,),
+        loss_classes=(40,),
+        table_gradients=("scatter", "sorted", "matmul"),
+        profile=("tiny", 40),
+        repeats=2,
+        matmul_size=256,
+        scatter_updates=2**12,
+        step_timeout_s=120,
+        loss_timeout_s=120,
+        budget_s=300,
+        workers=2,
+        input_workers=0,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows and the device lock (used by the pieces, in their own processes).
+
+
+def append_row(output_dir: Path, row: dict) -> None:
+    """Appends one JSON row to ``rows.jsonl`` and syncs it (pieces run concurrently)."""
+    line = json.dumps(row, sort_keys=True) + "\n"
+    with open(output_dir / ROWS, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_rows(output_dir: Path) -> list[dict]:
+    """Every row written so far (a torn last line, from a killed piece, is skipped)."""
+    rows = []
+    path = output_dir / ROWS
+    if path.exists():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                rows.append(json.loads(line))
+    return rows
+
+
+@contextlib.contextmanager
+def device_lock(output_dir: Path):
+    """Holds the device for allocation and timing: one piece at a time."""
+    with open(output_dir / LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _median_seconds(fn, args, repeats: int) -> float:
+    import jax  # noqa: PLC0415 (pieces import jax in their own process)
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _compiled_peak(compiled) -> dict:
+    memory = compiled.memory_analysis()
+    peak = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        + memory.temp_size_in_bytes
+        - memory.alias_size_in_bytes
+    )
+    return {"compiled_peak_mb": peak / 2**20, "temp_mb": memory.temp_size_in_bytes / 2**20}
+
+
+# ----------------------------------------------------------------------------------------------
+# The pieces. Each takes (output_dir, preset, **args) and appends its rows.
+
+
+def piece_versions(output_dir: Path, preset: Preset) -> None:
+    import jax  # noqa: PLC0415
+
+    packages = {}
+    for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "grain"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            packages[name] = importlib.metadata.version(name)
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"] or ""
+        if name.startswith(("jax-cuda", "jax_cuda", "jax-rocm", "libtpu")):
+            packages[name] = dist.version
+    driver = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        query = "--query-gpu=name,driver_version,memory.total,compute_cap"
+        driver = subprocess.run(
+            ["nvidia-smi", query, "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
+    device = jax.devices()[0]
+    stats = device.memory_stats() or {}
+    append_row(
+        output_dir,
+        {
+            "kind": "versions",
+            "python": platform.python_version(),
+            "packages": packages,
+            "backend": jax.default_backend(),
+            "device": str(device),
+            "device_kind": device.device_kind,
+            "device_count": jax.device_count(),
+            "device_memory_gb": stats.get("bytes_limit", 0) / 2**30,
+            "nvidia_smi": driver,
+            "cpus": os.cpu_count(),
+        },
+    )
+
+
+def _classify_atomics(text: str) -> tuple[str, dict, list[str]]:
+    """Verdict on the float32 atomics in PTX text: ``native``, ``cas loop``, ``both``, ``none``."""
+    lines = [line.strip() for line in text.splitlines() if "atom." in line or "red." in line]
+    native = [line for line in lines if ".add.f32" in line or ".add.noftz.f32" in line]
+    cas = [line for line in lines if ".cas." in line]
+    counts = {"float_add_atomics": len(native), "cas_atomics": len(cas), "atomic_lines": len(lines)}
+    verdict = {
+        (True, False): "native f32 atomic add",
+        (False, True): "compare-and-swap loop",
+        (True, True): "both native adds and compare-and-swap",
+        (False, False): "no atomics found",
+    }[(bool(native), bool(cas))]
+    return verdict, counts, lines
+
+
+def piece_atomics(output_dir: Path, preset: Preset, dump_dir: str) -> None:
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    def scatter_add_probe(table, ids, rows):
+        return table.at[ids].add(rows)
+
+    rng = np.random.default_rng(0)
+    num_updates, dim = preset.scatter_updates, 16
+    rows = rng.normal(size=(num_updates, dim)).astype(np.float32)
+    row = {"kind": "atomics", "backend": jax.default_backend(), "updates": num_updates}
+    timings = {}
+    for num_classes in (19, 100_000):
+        table = np.zeros((num_classes, dim), np.float32)
+        ids = rng.integers(0, num_classes, num_updates).astype(np.int32)
+        compiled = jax.jit(scatter_add_probe).lower(table, ids, rows).compile()
+        with device_lock(output_dir):
+            args = tuple(jnp.asarray(a) for a in (table, ids, rows))
+            timings[num_classes] = _median_seconds(compiled, args, preset.repeats)
+            del args
+        if num_classes == 19:
+            row["hlo_has_scatter"] = "scatter" in compiled.as_text()
+    row["seconds_into_19_rows"] = timings[19]
+    row["seconds_into_100000_rows"] = timings[100_000]
+    row["contention_ratio"] = timings[19] / timings[100_000]
+    ptx_files = sorted(glob.glob(os.path.join(dump_dir, "**", "*.ptx"), recursive=True))
+    if ptx_files:
+        text = "\n".join(Path(p).read_text(errors="replace") for p in ptx_files)
+        row["verdict"], counts, lines = _classify_atomics(text)
+        row.update(counts)
+        row["ptx_files"] = [Path(p).name for p in ptx_files]
+        (output_dir / PTX_LINES).write_text(
+            f"{len(lines)} atomic instructions in {len(ptx_files)} PTX file(s) of the "
+            "scatter-add probe:\n" + "\n".join(lines[:200]) + "\n"
+        )
+    else:
+        row["verdict"] = f"no PTX written (backend {jax.default_backend()})"
+    append_row(output_dir, row)
+
+
+def piece_matmul(output_dir: Path, preset: Preset) -> None:
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    from jax import lax  # noqa: PLC0415
+
+    size = preset.matmul_size
+    dot = jax.jit(functools.partial(jnp.dot, precision=lax.Precision.HIGHEST))
+    # The search's shape: a block of rows of [q, 1] against [−2e, ‖e‖²] of many classes.
+    dim = preset.embedding_dim + 1
+    rows, cols = (2**17, 2**13) if size >= 4096 else (1024, 512)
+    with device_lock(output_dir):
+        square = jnp.ones((size, size), jnp.float32)
+        queries, classes = jnp.ones((rows, dim), jnp.float32), jnp.ones((dim, cols), jnp.float32)
+        square_s = _median_seconds(dot, (square, square), preset.repeats)
+        search_s = _median_seconds(dot, (queries, classes), preset.repeats)
+    append_row(
+        output_dir,
+        {
+            "kind": "matmul",
+            "square_size": size,
+            "square_tflops": 2 * size**3 / square_s / 1e12,
+            "search_shape": [rows, dim, cols],
+            "search_tflops": 2 * rows * dim * cols / search_s / 1e12,
+        },
+    )
+
+
+def piece_loss(output_dir: Path, preset: Preset, num_classes: int, table_gradient: str) -> None:
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from jaxscaleseg import losses  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    shape = (preset.batch, preset.size, preset.size)
+    num_pixels = int(np.prod(shape))
+    dim = preset.embedding_dim
+    pixels = rng.normal(size=(*shape, dim)).astype(np.float32)
+    pixels /= np.linalg.norm(pixels, axis=-1, keepdims=True)
+    labels = rng.integers(0, num_classes, shape).astype(np.int32)
+    labels[rng.random(shape) < 0.05] = -1
+    table = rng.uniform(-1, 1, (num_classes, dim)).astype(np.float32)
+
+    def objective(p, y, e):
+        return losses.ess_objective(
+            p,
+            y,
+            e,
+            num_neighbors=preset.num_neighbors,
+            normalize_classes=True,
+            max_block_bytes="auto",
+            pixels_per_chunk="auto",
+            table_gradient=table_gradient,
+        )[0]
+
+    fn = jax.jit(jax.value_and_grad(objective, argnums=(0, 2)))
+    start = time.perf_counter()
+    compiled = fn.lower(pixels, labels, table).compile()
+    compile_s = time.perf_counter() - start
+    plan = losses.loss_plan(None, num_classes, table_gradient=table_gradient)
+    with device_lock(output_dir):
+        args = tuple(jax.device_put(a) for a in (pixels, labels, table))
+        seconds = _median_seconds(compiled, args, preset.repeats)
+        value, (pixel_grad, table_grad) = compiled(*args)
+        value = float(value)
+        grad_norms = [float(np.linalg.norm(np.asarray(g))) for g in (pixel_grad, table_grad)]
+    append_row(
+        output_dir,
+        {
+            "kind": "loss",
+            "C": num_classes,
+            "N": num_pixels,
+            "table_gradient": table_gradient,
+            "plan": dataclasses.asdict(plan),
+            "seconds": seconds,
+            "compile_seconds": compile_s,
+            **_compiled_peak(compiled),
+            "value": value,
+            "pixel_grad_norm": grad_norms[0],
+            "table_grad_norm": grad_norms[1],
+        },
+    )
+
+
+def piece_step(
+    output_dir: Path, preset: Preset, backbone: str, num_classes: int, head: str, trace: bool
+) -> None:
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from benchmarks import scaling  # noqa: PLC0415
+    from jaxscaleseg import losses, optim, training  # noqa: PLC0415
+
+    bench = scaling.Preset(
+        backbone,
+        16,
+        preset.batch,
+        preset.size,
+        (preset.dtype,),
+        (num_classes,),
+        preset.embedding_dim,
+    )
+    config = scaling.make_config(bench, num_classes, head, preset.dtype)
+    config.loss.num_neighbors = preset.num_neighbors
+    spec = training.LossSpec.from_config(config.loss)
+    image_shape = (preset.batch, preset.size, preset.size, 3)
+    model = training.make_model(config)
+    tx = optim.make_optimizer(config.optim, config.num_train_steps)
+
+    def new_state(variables):
+        return training.TrainState.create(
+            apply_fn=model.apply,
+            params=variables["params"],
+            tx=tx,
+            batch_stats=variables.get("batch_stats", {}),
+        )
+
+    def init(key):
+        return model.init({"params": key}, jnp.zeros(image_shape, jnp.float32), train=False)
+
+    key = jax.random.key(0)
+    abstract_state = jax.eval_shape(lambda: new_state(init(key)))
+    batch_shapes = {
+        "image": jax.ShapeDtypeStruct(image_shape, jnp.float32),
+        "label": jax.ShapeDtypeStruct(image_shape[:3], jnp.int32),
+    }
+    step = jax.jit(functools.partial(training.train_step, spec=spec), donate_argnums=0)
+    start = time.perf_counter()
+    compiled = step.lower(abstract_state, batch_shapes, key).compile()
+    row = {
+        "kind": "step",
+        "backbone": backbone,
+        "C": num_classes,
+        "head": head,
+        "dtype": preset.dtype,
+        "batch": preset.batch,
+        "size": preset.size,
+        "embedding_dim": preset.embedding_dim,
+        "compile_seconds": time.perf_counter() - start,
+        **_compiled_peak(compiled),
+    }
+    if head == "ess":
+        row["plan"] = dataclasses.asdict(losses.loss_plan(None, num_classes))
+    row["fits"] = row["compiled_peak_mb"] * 2**20 < 0.9 * scaling.device_memory_bytes()
+    if not row["fits"]:
+        append_row(output_dir, row)
+        return
+    rng = np.random.default_rng(0)
+    with device_lock(output_dir):
+        state = new_state(scaling.random_variables(jax.eval_shape(init, key)))
+        batch = {
+            "image": jnp.asarray(rng.normal(size=image_shape).astype(np.float32)),
+            "label": jnp.asarray(rng.integers(-1, num_classes, image_shape[:3]).astype(np.int32)),
+        }
+        for _ in range(2):  # warm-up
+            state, out = compiled(state, batch, key)
+        jax.block_until_ready(out["loss"])
+        times = []
+        for _ in range(preset.repeats):
+            start = time.perf_counter()
+            state, out = compiled(state, batch, key)
+            jax.block_until_ready(out["loss"])
+            times.append(time.perf_counter() - start)
+        row["step_seconds"] = statistics.median(times)
+        row["images_per_second"] = preset.batch / row["step_seconds"]
+        row["loss"] = float(out["loss"])
+        stats = jax.devices()[0].memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            row["device_peak_mb"] = stats["peak_bytes_in_use"] / 2**20
+        append_row(output_dir, row)  # the step's row stands even if tracing fails
+        if not trace:
+            return
+        with jax.profiler.trace(str(output_dir / TRACE_DIR)):
+            start = time.perf_counter()
+            state, out = compiled(state, batch, key)
+            jax.block_until_ready(out["loss"])
+            traced_s = time.perf_counter() - start
+    profile = {k: row[k] for k in ("backbone", "C", "head", "dtype", "step_seconds")}
+    profile.update(kind="profile", traced_step_seconds=traced_s)
+    profile.update(top_ops(output_dir / TRACE_DIR, row["step_seconds"]))
+    append_row(output_dir, profile)
+
+
+def top_ops(trace_dir: Path, step_seconds: float, count: int = 10) -> dict:
+    """The most expensive ops of a ``jax.profiler`` trace and their share of the step's time.
+
+    On a GPU the trace's device planes (``/device:...``) have an "XLA Ops" line whose events are
+    the HLO ops run on the device; their durations are summed by op name. Without one (CPU) the
+    events that carry an ``hlo_op`` statistic (the runtime's thunks) are summed instead.
+
+    Returns:
+      ``{"ops_source": ..., "device_busy_seconds": ..., "top_ops": [{"op", "seconds",
+      "share", "calls", "long_name"}]}``; shares are of ``step_seconds`` (a step's wall time
+      measured without the profiler).
+    """
+    from jax.profiler import ProfileData  # noqa: PLC0415
+
+    files = sorted(glob.glob(str(trace_dir / "**" / "*.xplane.pb"), recursive=True))
+    if not files:
+        return {"ops_source": "no trace file written", "top_ops": []}
+    data = ProfileData.from_file(files[-1])
+    totals = collections.Counter()
+    calls = collections.Counter()
+    long_names = {}
+    source = "device plane 'XLA Ops' events"
+    for plane in data.planes:
+        if not plane.name.startswith("/device:"):
+            continue
+        for line in plane.lines:
+            if line.name != "XLA Ops":
+                continue
+            for event in line.events:
+                totals[event.name] += event.duration_ns
+                calls[event.name] += 1
+                stats = dict(event.stats)
+                if "long_name" in stats:
+                    long_names.setdefault(event.name, str(stats["long_name"])[:160])
+    if not totals:
+        source = "host events with an hlo_op statistic (no device op line)"
+        for plane in data.planes:
+            for line in plane.lines:
+                for event in line.events:
+                    stats = dict(event.stats)
+                    if "hlo_op" in stats:
+                        name = str(stats["hlo_op"])
+                        totals[name] += event.duration_ns
+                        calls[name] += 1
+    busy = sum(totals.values()) / 1e9
+    ops = [
+        {
+            "op": name,
+            "seconds": ns / 1e9,
+            "share": ns / 1e9 / step_seconds,
+            "calls": calls[name],
+            "long_name": long_names.get(name, ""),
+        }
+        for name, ns in totals.most_common(count)
+    ]
+    return {"ops_source": source, "device_busy_seconds": busy, "top_ops": ops}
+
+
+def piece_input(output_dir: Path, preset: Preset, workers: int) -> None:
+    from benchmarks import input_pipeline  # noqa: PLC0415
+    from jaxscaleseg.data.synthetic import SyntheticSegmentation  # noqa: PLC0415
+
+    source = SyntheticSegmentation(1284, (preset.size, preset.size), 200, seed=0, split="train")
+    batches = 20 if preset.size >= 256 else 5
+    rate = input_pipeline.measure(
+        source,
+        num_classes=1284,
+        batch_size=preset.batch,
+        crop_size=(preset.size, preset.size),
+        worker_count=workers,
+        num_batches=batches,
+        warmup=3,
+    )
+    append_row(
+        output_dir,
+        {
+            "kind": "input",
+            "workers": workers,
+            "batch": preset.batch,
+            "size": preset.size,
+            "batches_per_second": rate,
+            "images_per_second": rate * preset.batch,
+            "cpus": os.cpu_count(),
+        },
+    )
+
+
+PIECES = {
+    "versions": piece_versions,
+    "atomics": piece_atomics,
+    "matmul": piece_matmul,
+    "loss": piece_loss,
+    "step": piece_step,
+    "input": piece_input,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan of a run and the driver.
+
+
+@dataclasses.dataclass
+class Piece:
+    """One measurement, run as ``python -m benchmarks.gpu_check --piece ...``."""
+
+    name: str
+    function: str
+    args: dict
+    timeout_s: int
+    env: dict = dataclasses.field(default_factory=dict)
+
+
+def plan_pieces(preset: Preset, output_dir: Path, input_workers: int) -> list[Piece]:
+    """The pieces in the order they start (what the acceptance needs first)."""
+    pieces = [
+        Piece("versions", "versions", {}, 90),
+        Piece(
+            "atomics",
+            "atomics",
+            {"dump_dir": str(output_dir / "xla_dump")},
+            150,
+            # A fresh compile (no cache), dumped with its PTX.
+            {
+                "XLA_FLAGS": f"--xla_dump_to={output_dir / 'xla_dump'} "
+                "--xla_dump_hlo_module_re=.*scatter_add_probe.*",
+                "JAX_COMPILATION_CACHE_DIR": None,
+            },
+        ),
+    ]
+    loss = [
+        Piece(
+            f"loss C={num_classes} {method}",
+            "loss",
+            {"num_classes": num_classes, "table_gradient": method},
+            preset.loss_timeout_s,
+        )
+        for num_classes in preset.loss_classes
+        for method in preset.table_gradients
+    ]
+
+    def steps(num_classes):
+        pieces = []
+        for backbone in preset.backbones:
+            for head in ("ess", "softmax"):
+                # One ESS cell also traces a step (no second compile of it).
+                trace = (backbone, num_classes, head) == (*preset.profile, "ess")
+                pieces.append(
+                    Piece(
+                        f"step {backbone} C={num_classes} {head}" + (" + profile" * trace),
+                        "step",
+                        {
+                            "backbone": backbone,
+                            "num_classes": num_classes,
+                            "head": head,
+                            "trace": trace,
+                        },
+                        preset.step_timeout_s,
+                    )
+                )
+        return pieces
+
+    # What the acceptance needs first: the steps at the C nearest 1 284 (ESS against softmax),
+    # the loss at every C, the largest C, the profile; then the other class counts.
+    middle = min(preset.step_classes, key=lambda c: abs(c - 1284))
+    largest = max(preset.step_classes)
+    pieces += steps(middle) + loss + [Piece("matmul", "matmul", {}, 90)]
+    if largest != middle:
+        pieces += steps(largest)
+    for num_classes in preset.step_classes:
+        if num_classes not in (middle, largest):
+            pieces += steps(num_classes)
+    if importlib.util.find_spec("grain") is not None:
+        pieces.append(Piece("input", "input", {"workers": input_workers}, 120))
+    return pieces
+
+
+def run_pieces(
+    pieces: list[Piece],
+    output_dir: Path,
+    preset_name: str,
+    budget_s: float,
+    workers: int,
+    cache_dir: str,
+) -> None:
+    """Runs the pieces, ``workers`` at a time, each in its own process with its own limit."""
+    start = time.monotonic()
+    deadline = budget_s + 60  # running pieces are stopped here
+    queue = list(pieces)
+    running = []  # (piece, process, started, log file)
+    log_path = output_dir / LOG
+
+    def launch(piece: Piece):
+        env = dict(os.environ)
+        # Pieces share the device in turn: each allocates what it needs, up to 95 %.
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = "0.95"
+        env["PYTHONUNBUFFERED"] = "1"
+        if cache_dir:
+            env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+        for name, value in piece.env.items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
+        command = [
+            sys.executable,
+            "-m",
+            "benchmarks.gpu_check",
+            "--output_dir",
+            str(output_dir),
+            "--preset",
+            preset_name,
+            "--piece",
+            json.dumps({"name": piece.name, "function": piece.function, "args": piece.args}),
+        ]
+        log = open(output_dir / f".log.{len(running)}.{time.monotonic_ns()}", "w+")  # noqa: SIM115
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        return piece, process, time.monotonic(), log
+
+    def finish(entry, status: str):
+        piece, process, started, log = entry
+        log.seek(0)
+        output = log.read()
+        log.close()
+        os.unlink(log.name)
+        seconds = time.monotonic() - started
+        with open(log_path, "a") as f:
+            f.write(f"===== {piece.name}: {status} after {seconds:.1f} s\n{output}\n")
+        append_row(
+            output_dir,
+            {"kind": "status", "piece": piece.name, "status": status, "seconds": seconds},
+        )
+        print(f"[{time.monotonic() - start:6.1f} s] {piece.name}: {status}", flush=True)
+
+    while queue or running:
+        while queue and len(running) < workers:
+            if time.monotonic() - start > budget_s:
+                for piece in queue:
+                    append_row(
+                        output_dir,
+                        {
+                            "kind": "status",
+                            "piece": piece.name,
+                            "status": f"skipped (time budget {budget_s:.0f} s spent)",
+                            "seconds": 0.0,
+                        },
+                    )
+                    print(f"{piece.name}: skipped (time budget)", flush=True)
+                queue = []
+                break
+            running.append(launch(queue.pop(0)))
+        time.sleep(0.2)
+        for entry in list(running):
+            piece, process, started, _ = entry
+            code = process.poll()
+            late = time.monotonic() - start > deadline
+            if code is None and (time.monotonic() - started > piece.timeout_s or late):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, 9)
+                process.wait()
+                running.remove(entry)
+                limit = f"the run's deadline, {deadline:.0f} s" if late else f"{piece.timeout_s} s"
+                finish(entry, f"timed out ({limit})")
+            elif code is not None:
+                running.remove(entry)
+                finish(entry, "ok" if code == 0 else f"crashed (exit code {code})")
+
+
+# ----------------------------------------------------------------------------------------------
+# The summary.
+
+
+def _fmt_s(seconds) -> str:
+    return "—" if seconds is None else f"{seconds:.4f} s"
+
+
+def summarize(output_dir: Path) -> str:
+    """``summary.md`` from the rows written so far."""
+    rows = read_rows(output_dir)
+    by_kind = collections.defaultdict(list)
+    for row in rows:
+        by_kind[row["kind"]].append(row)
+    out = ["# GPU check", ""]
+    for row in by_kind["versions"]:
+        out += [
+            f"- backend `{row['backend']}`, device `{row['device']}` ({row['device_kind']}, "
+            f"{row['device_memory_gb']:.1f} GiB), {row['device_count']} device(s), "
+            f"{row['cpus']} CPUs, Python {row['python']}",
+            f"- packages: {', '.join(f'{k} {v}' for k, v in sorted(row['packages'].items()))}",
+            f"- nvidia-smi: {row['nvidia_smi'] or '—'}",
+            "",
+        ]
+    for row in by_kind["atomics"]:
+        out += [
+            f"## f32 scatter-add: {row['verdict']}",
+            "",
+            f"{row['updates']:,} row updates into 19 rows: {_fmt_s(row['seconds_into_19_rows'])}; "
+            f"into 100 000 rows: {_fmt_s(row['seconds_into_100000_rows'])} "
+            f"(contention ×{row['contention_ratio']:.1f}).",
+            "",
+        ]
+    for row in by_kind["matmul"]:
+        out += [
+            f"Matmul rate (float32, HIGHEST): {row['square_tflops']:.1f} TFLOP/s square "
+            f"({row['square_size']}³), {row['search_tflops']:.2f} TFLOP/s in the search's "
+            f"shape {row['search_shape']}.",
+            "",
+        ]
+    if by_kind["loss"]:
+        out += [
+            "## ESS loss (value_and_grad, raw table, auto sizes)",
+            "",
+            "| C | N | table gradient | time | compiled peak | value | table grad norm |",
+            "|---:|---:|---|---:|---:|---:|---:|",
+        ]
+        for row in sorted(by_kind["loss"], key=lambda r: (r["C"], r["table_gradient"])):
+            out.append(
+                f"| {row['C']:,} | {row['N']:,} | {row['table_gradient']} | "
+                f"{_fmt_s(row['seconds'])} | {row['compiled_peak_mb']:,.1f} MB | "
+                f"{row['value']:.6f} | {row['table_grad_norm']:.6g} |"
+            )
+        out.append("")
+    if by_kind["step"]:
+        out += [
+            "## Train step (batch, crop, dtype as the preset)",
+            "",
+            "| backbone | C | head | compiled peak | step time | images/s | device peak | plan |",
+            "|---|---:|---|---:|---:|---:|---:|---|",
+        ]
+        for row in sorted(by_kind["step"], key=lambda r: (r["backbone"], r["C"], r["head"])):
+            fits = row["fits"]
+            plan = row.get("plan")
+            plan_text = (
+                f"{plan['max_block_bytes'] // 2**20} MiB, {plan['pixels_per_chunk']} px, "
+                f"{plan['table_gradient']}, {plan['search_method']}"
+                if plan
+                else ""
+            )
+            device = f"{row['device_peak_mb']:,.0f} MB" if "device_peak_mb" in row else "—"
+            out.append(
+                f"| {row['backbone']} | {row['C']:,} | {row['head']} | "
+                f"{row['compiled_peak_mb']:,.1f} MB | "
+                + (f"{row['step_seconds']:.4f} s | " if fits else "does not fit | ")
+                + (f"{row['images_per_second']:.1f} | " if fits else "— | ")
+                + f"{device} | {plan_text} |"
+            )
+        out.append("")
+        out += _acceptance(by_kind)
+    for row in by_kind["profile"]:
+        out += [
+            f"## Profile: one ESS step, {row['backbone']} C = {row['C']:,} "
+            f"({row['step_seconds']:.4f} s; ops from {row['ops_source']}, device busy "
+            f"{row.get('device_busy_seconds', 0):.4f} s)",
+            "",
+            "| op | time | share of step | calls | HLO |",
+            "|---|---:|---:|---:|---|",
+        ]
+        for op in row["top_ops"]:
+            hlo = op["long_name"].replace("|", "\\|")
+            out.append(
+                f"| `{op['op']}` | {op['seconds']:.4f} s | {100 * op['share']:.1f} % | "
+                f"{op['calls']} | {hlo} |"
+            )
+        out.append("")
+    for row in by_kind["input"]:
+        out += [
+            f"Input pipeline (synthetic, batch {row['batch']}, {row['size']}², "
+            f"{row['workers']} workers, {row['cpus']} CPUs): {row['images_per_second']:.1f} "
+            "images/s.",
+            "",
+        ]
+    out += ["## Pieces", "", "| piece | status | seconds |", "|---|---|---:|"]
+    for row in by_kind["status"]:
+        out.append(f"| {row['piece']} | {row['status']} | {row['seconds']:.1f} |")
+    return "\n".join(out) + "\n"
+
+
+def _acceptance(by_kind) -> list[str]:
+    """The issue's acceptance lines, from the step rows (and the matmul rate for the floor)."""
+    steps = {(r["backbone"], r["C"], r["head"]): r for r in by_kind["step"]}
+    lines = []
+    for backbone in sorted({r["backbone"] for r in by_kind["step"]}):
+        classes = sorted({c for b, c, _ in steps if b == backbone})
+        ess = {c: steps.get((backbone, c, "ess")) for c in classes}
+        softmax = {c: steps.get((backbone, c, "softmax")) for c in classes}
+        for c in classes:
+            e, s = ess[c], softmax[c]
+            if e and s and e.get("step_seconds") and s.get("step_seconds"):
+                lines.append(
+                    f"- {backbone}, C = {c:,}: ESS / softmax step time = "
+                    f"{e['step_seconds'] / s['step_seconds']:.2f}"
+                )
+        present = [c for c in classes if ess[c]]
+        if len(present) >= 2:
+            low, high = present[0], present[-1]
+            growth = ess[high]["compiled_peak_mb"] / ess[low]["compiled_peak_mb"] - 1
+            lines.append(
+                f"- {backbone}: ESS compiled peak at C = {high:,} vs C = {low:,}: "
+                f"{100 * growth:+.1f} %"
+            )
+        largest = present[-1] if present else None
+        row = ess.get(largest) if largest else None
+        if row and row.get("step_seconds") and by_kind["matmul"]:
+            rate = by_kind["matmul"][-1]
+            n = row["batch"] * row["size"] ** 2
+            dim = row.get("embedding_dim", 12)
+            flops = 2 * n * largest * (dim + 1)
+            lines.append(
+                f"- {backbone}, C = {largest:,}: ESS step {row['step_seconds']:.4f} s; the exact "
+                f"search's floor 2·N·C·(D+1) = {flops:.3g} flops takes "
+                f"{flops / (rate['square_tflops'] * 1e12):.4f} s at the square matmul rate, "
+                f"{flops / (rate['search_tflops'] * 1e12):.4f} s at the search-shaped rate"
+            )
+    return lines + [""] if lines else []
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    parser.add_argument("--workers", type=int, default=0, help="pieces at once (0: preset's)")
+    parser.add_argument(
+        "--budget_s", type=float, default=0, help="start no piece after (0: preset's)"
+    )
+    parser.add_argument("--only", nargs="*", help="run only pieces whose name starts with these")
+    parser.add_argument(
+        "--input_workers", type=int, default=-1, help="grain workers (input piece; -1: preset's)"
+    )
+    parser.add_argument(
+        "--cache_dir",
+        default="/tmp/jaxscaleseg-gpu-check-cache",
+        help="persistent compilation cache shared by the pieces ('' for none): a rerun is faster",
+    )
+    parser.add_argument("--summarize", action="store_true", help="only rewrite summary.md")
+    parser.add_argument("--piece", help=argparse.SUPPRESS)  # internal: run one piece
+    args = parser.parse_args(argv)
+    output_dir = Path(args.output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    preset = PRESETS[args.preset]
+    if args.piece:
+        spec = json.loads(args.piece)
+        if os.environ.get(CRASH_ENV) == spec["name"]:
+            os.abort()  # tests: a piece that dies
+        PIECES[spec["function"]](output_dir, preset, **spec["args"])
+        return
+    if not args.summarize:
+        input_workers = preset.input_workers if args.input_workers < 0 else args.input_workers
+        pieces = plan_pieces(preset, output_dir, input_workers)
+        if args.only:
+            pieces = [p for p in pieces if p.name.startswith(tuple(args.only))]
+        run_pieces(
+            pieces,
+            output_dir,
+            args.preset,
+            args.budget_s or preset.budget_s,
+            args.workers or preset.workers,
+            args.cache_dir,
+        )
+    (output_dir / SUMMARY).write_text(summarize(output_dir))
+    print(f"wrote {output_dir / SUMMARY}")
+
+
+if __name__ == "__main__":
+    main()
