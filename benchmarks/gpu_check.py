@@ -58,8 +58,10 @@ ROWS = "rows.jsonl"
 LOG = "log.txt"
 SUMMARY = "summary.md"
 PTX_LINES = "scatter_ptx.txt"
+# Under --scratch_dir, not the output folder (which keeps only the few files worth copying back).
 TRACE_DIR = "trace"
-LOCK = ".device.lock"
+DUMP_DIR = "xla_dump"
+LOCK = "device.lock"
 # Set in a piece's environment to make it abort (tests: a crash must lose only that row).
 CRASH_ENV = "JAXSCALESEG_GPU_CHECK_CRASH"
 
@@ -158,9 +160,9 @@ def read_rows(output_dir: Path) -> list[dict]:
 
 
 @contextlib.contextmanager
-def device_lock(output_dir: Path):
+def device_lock(scratch_dir: Path):
     """Holds the device for allocation and timing: one piece at a time."""
-    with open(output_dir / LOCK, "a") as f:
+    with open(scratch_dir / LOCK, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -195,7 +197,7 @@ def _compiled_peak(compiled) -> dict:
 # The pieces. Each takes (output_dir, preset, **args) and appends its rows.
 
 
-def piece_versions(output_dir: Path, preset: Preset) -> None:
+def piece_versions(output_dir: Path, scratch_dir: Path, preset: Preset) -> None:
     import jax  # noqa: PLC0415
 
     packages = {}
@@ -249,7 +251,7 @@ def _classify_atomics(text: str) -> tuple[str, dict, list[str]]:
     return verdict, counts, lines
 
 
-def piece_atomics(output_dir: Path, preset: Preset, dump_dir: str) -> None:
+def piece_atomics(output_dir: Path, scratch_dir: Path, preset: Preset) -> None:
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
@@ -266,7 +268,7 @@ def piece_atomics(output_dir: Path, preset: Preset, dump_dir: str) -> None:
         table = np.zeros((num_classes, dim), np.float32)
         ids = rng.integers(0, num_classes, num_updates).astype(np.int32)
         compiled = jax.jit(scatter_add_probe).lower(table, ids, rows).compile()
-        with device_lock(output_dir):
+        with device_lock(scratch_dir):
             args = tuple(jnp.asarray(a) for a in (table, ids, rows))
             timings[num_classes] = _median_seconds(compiled, args, preset.repeats)
             del args
@@ -275,7 +277,7 @@ def piece_atomics(output_dir: Path, preset: Preset, dump_dir: str) -> None:
     row["seconds_into_19_rows"] = timings[19]
     row["seconds_into_100000_rows"] = timings[100_000]
     row["contention_ratio"] = timings[19] / timings[100_000]
-    ptx_files = sorted(glob.glob(os.path.join(dump_dir, "**", "*.ptx"), recursive=True))
+    ptx_files = sorted(glob.glob(str(scratch_dir / DUMP_DIR / "**" / "*.ptx"), recursive=True))
     if ptx_files:
         text = "\n".join(Path(p).read_text(errors="replace") for p in ptx_files)
         row["verdict"], counts, lines = _classify_atomics(text)
@@ -290,7 +292,7 @@ def piece_atomics(output_dir: Path, preset: Preset, dump_dir: str) -> None:
     append_row(output_dir, row)
 
 
-def piece_matmul(output_dir: Path, preset: Preset) -> None:
+def piece_matmul(output_dir: Path, scratch_dir: Path, preset: Preset) -> None:
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
     from jax import lax  # noqa: PLC0415
@@ -300,7 +302,7 @@ def piece_matmul(output_dir: Path, preset: Preset) -> None:
     # The search's shape: a block of rows of [q, 1] against [−2e, ‖e‖²] of many classes.
     dim = preset.embedding_dim + 1
     rows, cols = (2**17, 2**13) if size >= 4096 else (1024, 512)
-    with device_lock(output_dir):
+    with device_lock(scratch_dir):
         square = jnp.ones((size, size), jnp.float32)
         queries, classes = jnp.ones((rows, dim), jnp.float32), jnp.ones((dim, cols), jnp.float32)
         square_s = _median_seconds(dot, (square, square), preset.repeats)
@@ -317,7 +319,9 @@ def piece_matmul(output_dir: Path, preset: Preset) -> None:
     )
 
 
-def piece_loss(output_dir: Path, preset: Preset, num_classes: int, table_gradient: str) -> None:
+def piece_loss(
+    output_dir: Path, scratch_dir: Path, preset: Preset, num_classes: int, table_gradient: str
+) -> None:
     import jax  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
@@ -350,7 +354,7 @@ def piece_loss(output_dir: Path, preset: Preset, num_classes: int, table_gradien
     compiled = fn.lower(pixels, labels, table).compile()
     compile_s = time.perf_counter() - start
     plan = losses.loss_plan(None, num_classes, table_gradient=table_gradient)
-    with device_lock(output_dir):
+    with device_lock(scratch_dir):
         args = tuple(jax.device_put(a) for a in (pixels, labels, table))
         seconds = _median_seconds(compiled, args, preset.repeats)
         value, (pixel_grad, table_grad) = compiled(*args)
@@ -375,7 +379,13 @@ def piece_loss(output_dir: Path, preset: Preset, num_classes: int, table_gradien
 
 
 def piece_step(
-    output_dir: Path, preset: Preset, backbone: str, num_classes: int, head: str, trace: bool
+    output_dir: Path,
+    scratch_dir: Path,
+    preset: Preset,
+    backbone: str,
+    num_classes: int,
+    head: str,
+    trace: bool,
 ) -> None:
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
@@ -439,7 +449,7 @@ def piece_step(
         append_row(output_dir, row)
         return
     rng = np.random.default_rng(0)
-    with device_lock(output_dir):
+    with device_lock(scratch_dir):
         state = new_state(scaling.random_variables(jax.eval_shape(init, key)))
         batch = {
             "image": jnp.asarray(rng.normal(size=image_shape).astype(np.float32)),
@@ -463,14 +473,14 @@ def piece_step(
         append_row(output_dir, row)  # the step's row stands even if tracing fails
         if not trace:
             return
-        with jax.profiler.trace(str(output_dir / TRACE_DIR)):
+        with jax.profiler.trace(str(scratch_dir / TRACE_DIR)):
             start = time.perf_counter()
             state, out = compiled(state, batch, key)
             jax.block_until_ready(out["loss"])
             traced_s = time.perf_counter() - start
     profile = {k: row[k] for k in ("backbone", "C", "head", "dtype", "step_seconds")}
     profile.update(kind="profile", traced_step_seconds=traced_s)
-    profile.update(top_ops(output_dir / TRACE_DIR, row["step_seconds"]))
+    profile.update(top_ops(scratch_dir / TRACE_DIR, row["step_seconds"]))
     append_row(output_dir, profile)
 
 
@@ -532,7 +542,7 @@ def top_ops(trace_dir: Path, step_seconds: float, count: int = 10) -> dict:
     return {"ops_source": source, "device_busy_seconds": busy, "top_ops": ops}
 
 
-def piece_input(output_dir: Path, preset: Preset, workers: int) -> None:
+def piece_input(output_dir: Path, scratch_dir: Path, preset: Preset, workers: int) -> None:
     from benchmarks import input_pipeline  # noqa: PLC0415
     from jaxscaleseg.data.synthetic import SyntheticSegmentation  # noqa: PLC0415
 
@@ -586,18 +596,18 @@ class Piece:
     env: dict = dataclasses.field(default_factory=dict)
 
 
-def plan_pieces(preset: Preset, output_dir: Path, input_workers: int) -> list[Piece]:
+def plan_pieces(preset: Preset, scratch_dir: Path, input_workers: int) -> list[Piece]:
     """The pieces in the order they start (what the acceptance needs first)."""
     pieces = [
         Piece("versions", "versions", {}, 90),
         Piece(
             "atomics",
             "atomics",
-            {"dump_dir": str(output_dir / "xla_dump")},
+            {},
             150,
             # A fresh compile (no cache), dumped with its PTX.
             {
-                "XLA_FLAGS": f"--xla_dump_to={output_dir / 'xla_dump'} "
+                "XLA_FLAGS": f"--xla_dump_to={scratch_dir / DUMP_DIR} "
                 "--xla_dump_hlo_module_re=.*scatter_add_probe.*",
                 "JAX_COMPILATION_CACHE_DIR": None,
             },
@@ -656,6 +666,7 @@ def run_pieces(
     preset_name: str,
     budget_s: float,
     workers: int,
+    scratch_dir: Path,
     cache_dir: str,
 ) -> None:
     """Runs the pieces, ``workers`` at a time, each in its own process with its own limit."""
@@ -686,10 +697,12 @@ def run_pieces(
             str(output_dir),
             "--preset",
             preset_name,
+            "--scratch_dir",
+            str(scratch_dir),
             "--piece",
             json.dumps({"name": piece.name, "function": piece.function, "args": piece.args}),
         ]
-        log = open(output_dir / f".log.{len(running)}.{time.monotonic_ns()}", "w+")  # noqa: SIM115
+        log = open(scratch_dir / f"log.{time.monotonic_ns()}", "w+")  # noqa: SIM115
         process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
@@ -908,8 +921,13 @@ def main(argv: list[str] | None = None) -> None:
         "--input_workers", type=int, default=-1, help="grain workers (input piece; -1: preset's)"
     )
     parser.add_argument(
+        "--scratch_dir",
+        default="/tmp/jaxscaleseg-gpu-check",
+        help="the profiler trace, the XLA dump, the device lock and the pieces' logs",
+    )
+    parser.add_argument(
         "--cache_dir",
-        default="/tmp/jaxscaleseg-gpu-check-cache",
+        default="/tmp/jaxscaleseg-gpu-check/cache",
         help="persistent compilation cache shared by the pieces ('' for none): a rerun is faster",
     )
     parser.add_argument("--summarize", action="store_true", help="only rewrite summary.md")
@@ -917,16 +935,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     output_dir = Path(args.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
+    scratch_dir = Path(args.scratch_dir).resolve()
+    scratch_dir.mkdir(parents=True, exist_ok=True)
     preset = PRESETS[args.preset]
     if args.piece:
         spec = json.loads(args.piece)
         if os.environ.get(CRASH_ENV) == spec["name"]:
             os.abort()  # tests: a piece that dies
-        PIECES[spec["function"]](output_dir, preset, **spec["args"])
+        PIECES[spec["function"]](output_dir, scratch_dir, preset, **spec["args"])
         return
     if not args.summarize:
         input_workers = preset.input_workers if args.input_workers < 0 else args.input_workers
-        pieces = plan_pieces(preset, output_dir, input_workers)
+        pieces = plan_pieces(preset, scratch_dir, input_workers)
         if args.only:
             pieces = [p for p in pieces if p.name.startswith(tuple(args.only))]
         run_pieces(
@@ -935,6 +955,7 @@ def main(argv: list[str] | None = None) -> None:
             args.preset,
             args.budget_s or preset.budget_s,
             args.workers or preset.workers,
+            scratch_dir,
             args.cache_dir,
         )
     (output_dir / SUMMARY).write_text(summarize(output_dir))

@@ -454,10 +454,10 @@ def _loss_sums_bwd(terms, residuals, cotangents):
             chunk_pixels, chunk_targets, chunk_neighbors, chunk_valid = xs
             chunk_candidates = _candidates(chunk_targets, chunk_neighbors)
             rows, inverse_norms = _read_rows(classes[chunk_candidates], terms.normalize)
-            coefficients, chunk_pixel_grad = _ess_chunk_coefficients(
-                chunk_pixels, rows, chunk_valid, terms.temperature, ess_cotangent
-            )
             if terms.table_gradient == "matmul":
+                coefficients, chunk_pixel_grad = _ess_chunk_coefficients(
+                    chunk_pixels, rows, chunk_valid, terms.temperature, ess_cotangent
+                )
                 grad = _add_rows_by_matmul(
                     grad,
                     classes,
@@ -467,12 +467,15 @@ def _loss_sums_bwd(terms, residuals, cotangents):
                     coefficients,
                     terms.classes_per_block,
                 )
-            else:
-                rows_grad = coefficients[..., None] * (rows - chunk_pixels[:, None, :])
-                rows_grad = _raw_row_gradient(rows, inverse_norms, rows_grad)
-                grad = _add_rows(
-                    grad, chunk_candidates, rows_grad, terms.table_gradient == "sorted"
-                )
+                return grad, chunk_pixel_grad
+
+            def chunk_sum(chunk_pixels, rows):
+                return _ess_chunk_sum(chunk_pixels, rows, chunk_valid, terms.temperature)
+
+            _, pullback = jax.vjp(chunk_sum, chunk_pixels, rows)
+            chunk_pixel_grad, rows_grad = pullback(ess_cotangent)
+            rows_grad = _raw_row_gradient(rows, inverse_norms, rows_grad)
+            grad = _add_rows(grad, chunk_candidates, rows_grad, terms.table_gradient == "sorted")
             return grad, chunk_pixel_grad
 
         chunks = _pixel_chunks(pixels, targets, neighbors, valid, terms.pixels_per_chunk)

@@ -18,6 +18,7 @@ CRASHED = "loss C=40 sorted"
 def tiny_run(tmp_path_factory):
     """One ``--preset tiny`` run in which the piece ``CRASHED`` aborts."""
     output_dir = tmp_path_factory.mktemp("gpu_check")
+    scratch_dir = tmp_path_factory.mktemp("gpu_check_scratch")
     env = dict(os.environ, **{gpu_check.CRASH_ENV: CRASHED})
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     result = subprocess.run(
@@ -29,6 +30,8 @@ def tiny_run(tmp_path_factory):
             str(output_dir),
             "--preset",
             "tiny",
+            "--scratch_dir",
+            str(scratch_dir),
             "--cache_dir",
             "",
         ],
@@ -76,6 +79,13 @@ def test_a_crashing_piece_loses_only_its_row(tiny_run):
     assert status[CRASHED].startswith("crashed")
     assert all(s == "ok" for piece, s in status.items() if piece != CRASHED), status
     assert f"| {CRASHED} | crashed" in (output_dir / gpu_check.SUMMARY).read_text()
+    # The output folder keeps only what is worth copying back (trace and dump are in scratch).
+    assert {p.name for p in output_dir.iterdir()} <= {
+        gpu_check.ROWS,
+        gpu_check.LOG,
+        gpu_check.SUMMARY,
+        gpu_check.PTX_LINES,
+    }
     # Every line of rows.jsonl is one JSON object.
     for line in (output_dir / gpu_check.ROWS).read_text().splitlines():
         json.loads(line)
