@@ -392,7 +392,12 @@ def piece_step(
     import numpy as np  # noqa: PLC0415
 
     from benchmarks import scaling  # noqa: PLC0415
-    from jaxscaleseg import losses, optim, training  # noqa: PLC0415
+    from jaxscaleseg import losses, optim  # noqa: PLC0415
+
+    try:  # the steps' own module once training.py is split (it imports no input pipeline)
+        from jaxscaleseg import steps as training  # noqa: PLC0415
+    except ImportError:
+        from jaxscaleseg import training  # noqa: PLC0415
 
     bench = scaling.Preset(
         backbone,
@@ -488,8 +493,9 @@ def top_ops(trace_dir: Path, step_seconds: float, count: int = 10) -> dict:
     """The most expensive ops of a ``jax.profiler`` trace and their share of the step's time.
 
     On a GPU the trace's device planes (``/device:...``) have an "XLA Ops" line whose events are
-    the HLO ops run on the device; their durations are summed by op name. Without one (CPU) the
-    events that carry an ``hlo_op`` statistic (the runtime's thunks) are summed instead.
+    the HLO ops run on the device; their durations are summed by op name. Without one, the
+    device planes' "Stream" lines (kernels, by kernel name); without a device plane (CPU), the
+    events that carry an ``hlo_op`` statistic (the runtime's thunks).
 
     Returns:
       ``{"ops_source": ..., "device_busy_seconds": ..., "top_ops": [{"op", "seconds",
@@ -518,6 +524,16 @@ def top_ops(trace_dir: Path, step_seconds: float, count: int = 10) -> dict:
                 stats = dict(event.stats)
                 if "long_name" in stats:
                     long_names.setdefault(event.name, str(stats["long_name"])[:160])
+    if not totals:
+        source = "device plane stream events (kernels; no 'XLA Ops' line)"
+        for plane in data.planes:
+            if not plane.name.startswith("/device:"):
+                continue
+            for line in plane.lines:
+                if line.name.startswith("Stream"):
+                    for event in line.events:
+                        totals[event.name] += event.duration_ns
+                        calls[event.name] += 1
     if not totals:
         source = "host events with an hlo_op statistic (no device op line)"
         for plane in data.planes:
