@@ -19,7 +19,7 @@ lint: venv
 	$(BIN)/ruff format --check .
 
 test: lint
-	$(BIN)/python -m pytest -n auto
+	$(BIN)/python -m pytest -n auto --maxschedchunk 1
 
 # Trains ESS on the built-in 1284-class synthetic set (configs/synthetic.py) and prints the
 # validation mIoU. A rerun resumes from workdirs/demo; `make clean-demo` starts over.

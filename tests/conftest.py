@@ -52,6 +52,16 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} {OPT_LEVEL_FLAG}=0".strip()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Runs the ``slow`` end-to-end tests first (in their order), then the rest.
+
+    With ``make test``'s one-test-at-a-time distribution (``--maxschedchunk 1``) the long tests
+    then spread over the workers first and the short ones fill the gaps, so no worker is left
+    with a long test at the end while the other idles.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(params=[True, False], ids=["jit", "nojit"])
 def maybe_jit(request):
     """Returns a wrapper that jits a function (static keyword args) or leaves it as is."""
