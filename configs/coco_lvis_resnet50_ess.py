@@ -2,8 +2,9 @@ r"""python -m jaxscaleseg.train --config configs/coco_lvis_resnet50_ess.py --wor
 
 COCO+LVIS (1284 classes), DeepLabV3+ ResNet-50 (output stride 16), ESS head.
 
-Variants: ``:smoke``, ``:original`` (the original code's negative-set rule and BatchNorm
-momenta; see ``ade20k_mobilenetv2_ess.py``). Needs the prepared dataset (``python -m
+Variants: ``:smoke``, ``:original`` (the original code's labels, negative-set rule and
+BatchNorm momenta, below; it needs ``python -m jaxscaleseg.data.prepare coco_lvis --config
+original_masks ...``). Needs the prepared dataset (``python -m
 jaxscaleseg.data.prepare coco_lvis ...``); the ImageNet backbone is torchvision's, fetched once.
 
 Where each setting comes from ("the original code" is github.com/shipra25jain/ESSNet):
@@ -17,6 +18,11 @@ Where each setting comes from ("the original code" is github.com/shipra25jain/ES
   momenta, negatives: as ``ade20k_mobilenetv2_ess.py``, with the sources given there.
 * random scale 0.5-2.0, crop with padding, flip: the original code's COCO+LVIS augmentation
   (main.py lines 190-198); the crop 512 as its ADE20K command (README.md line 28).
+* labels: the ``lvis_ids`` builder config, each COCO-Stuff stuff id mapped once to its
+  COCO+LVIS class: chosen here. The original mask script remaps stuff ids in place in the
+  order of its table, so stuff "blanket" and "cabinet" end up as other classes (93 -> 1217,
+  98 -> 1283; see ``jaxscaleseg/data/builders/coco_lvis.py``); ``:original`` uses the
+  ``original_masks`` builder config, whose labels equal that script's.
 * chosen here: ResNet-50 at output stride 16, base lr 0.01 (as COCO-Stuff 10k, from which the
   stuff classes come), 200 000 iterations (twice COCO-Stuff's: 7x the classes), LVIS
   repeat-factor sampling with threshold 0.001 for the long tail (the original code has a
@@ -46,6 +52,7 @@ def get_config(variant: str = ""):
     names = config_schema.variants(variant)
     if "original" in names:
         config_schema.original_model_and_loss(c)
+        c.dataset.config = "original_masks"
     if "smoke" in names:
         config_schema.smoke(c)
     return c

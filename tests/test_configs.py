@@ -25,8 +25,12 @@ from jaxscaleseg import config_schema, training
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 CONFIG_FILES = sorted(p for p in CONFIG_DIR.glob("*.py") if not p.name.startswith("_"))
 CONFIG_NAMES = [p.stem for p in CONFIG_FILES]
-# One smoke run per training path (the smoke variants differ only as described above).
-TRAINED_SMOKES = ("ade20k_mobilenetv2_ess", "coco_lvis_resnet50_softmax", "synthetic")
+# Smoke runs trained, as (config, variant): one per training path (the smoke variants differ
+# only as described above), and every ESS paper config's ``:original`` variant (the original
+# code's negatives, BatchNorm momenta, augmentation and evaluation protocol).
+TRAINED_SMOKES = tuple(
+    (p.stem, "smoke,original") for p in CONFIG_FILES if p.stem.endswith("_ess")
+) + (("coco_lvis_resnet50_softmax", "smoke"), ("synthetic", "smoke"))
 
 
 def _load(path: Path, variant: str = ""):
@@ -95,6 +99,8 @@ def test_original_variants_restore_the_original_code():
         ade = _load(CONFIG_DIR / f"{name}.py", "original")
         assert ade.dataset.eval_protocol == "crop_val"
         assert tuple(ade.dataset.eval_crop_size) == (512, 512)
+    lvis = _load(CONFIG_DIR / "coco_lvis_resnet50_ess.py", "original")
+    assert lvis.dataset.config == "original_masks"
     voc = _load(CONFIG_DIR / "pascal_voc_resnet50_ess.py")
     assert (voc.dataset.config, voc.dataset.train_split) == ("voc2012_aug", "train_aug")
 
@@ -156,10 +162,23 @@ def test_full_config_builds_its_model_and_train_step(path):
 def test_trained_smokes_cover_every_head_and_optimiser():
     """The trained representatives still span what the smoke variants differ in."""
     smokes = [_load(CONFIG_DIR / f"{name}.py", "smoke") for name in CONFIG_NAMES]
-    trained = [_load(CONFIG_DIR / f"{name}.py", "smoke") for name in TRAINED_SMOKES]
-    for key in ("loss.name", "optim.name", "model.class_embedding_init", "model.backbone"):
-        every = {_get(c, key) for c in smokes}
-        assert every == {_get(c, key) for c in trained}, key
+    smokes += [
+        _load(CONFIG_DIR / f"{name}.py", "smoke,original")
+        for name in CONFIG_NAMES
+        if name.endswith("_ess")
+    ]
+    trained = [_load(CONFIG_DIR / f"{name}.py", variant) for name, variant in TRAINED_SMOKES]
+    keys = ("loss.name", "optim.name", "model.class_embedding_init", "model.backbone")
+    keys += ("loss.negatives", "model.decoder_bn_momentum", "dataset.eval_protocol")
+    keys += ("dataset.color_jitter_factors", "dataset.normalization", "dataset.scale_range")
+    for key in keys:
+        every = {_hashable(_get(c, key)) for c in smokes}
+        assert every <= {_hashable(_get(c, key)) for c in trained}, key
+    assert any(c.dataset.warp_size for c in trained)
+
+
+def _hashable(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 def _get(config, dotted: str):
@@ -169,13 +188,15 @@ def _get(config, dotted: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", TRAINED_SMOKES)
-def test_smoke_variant_trains_two_steps(tmp_path, name):
+@pytest.mark.parametrize(
+    ("name", "variant"), TRAINED_SMOKES, ids=[f"{n}:{v}" for n, v in TRAINED_SMOKES]
+)
+def test_smoke_variant_trains_two_steps(tmp_path, name, variant):
     """A representative smoke variant, 2 steps end to end (synthetic data for absent archives).
 
     One test per config, so that parallel workers share them.
     """
-    config = _load(CONFIG_DIR / f"{name}.py", "smoke")
+    config = _load(CONFIG_DIR / f"{name}.py", variant)
     if config.dataset.name != "synthetic":
         config.dataset.name = "synthetic"  # the archives are not available here
     config.dataset.synthetic.image_size = (48, 48)
