@@ -44,11 +44,12 @@ Sections:
 * ``loss``: ``name`` (``softmax`` or ``ess``), ``num_neighbors`` (k), ``temperature``,
   ``margin``, ``separation_weight``, ``max_block_bytes`` (memory budget of the nearest-class
   searches: the largest queries×classes block), ``pixels_per_chunk`` (pixels per chunk of the
-  ESS loss), ``table_gradient`` (``auto``, ``scatter``, ``sorted`` or ``matmul``: how row
-  gradients reach the class table, see ``losses.ess_objective``). The first two take an int or
-  ``"auto"`` (the default), resolved by ``losses.loss_plan`` from the backend: on CPU 8 MiB and
-  8 192 pixels (cache-sized; 8 MiB keeps the step's growth with C within the class table's own
-  size plus a few MB), on GPU/TPU 1 GiB and 2¹⁸ pixels (few, large kernels).
+  ESS loss), ``table_gradient`` (``auto``, ``scatter``, ``sorted``, ``matmul`` or
+  ``segment``: how row gradients reach the class table, see ``losses.ess_objective``). The
+  first two take an int or ``"auto"`` (the default), resolved by ``losses.loss_plan`` from
+  the backend: on CPU 8 MiB and 8 192 pixels (cache-sized; 8 MiB keeps the step's growth with
+  C within the class table's own size plus a few MB), on GPU/TPU 1 GiB and 2¹⁸ pixels (few,
+  large kernels).
 * ``optim``: see :func:`jaxscaleseg.optim.make_optimizer`.
 """
 

@@ -30,10 +30,10 @@ ACCELERATOR_PIXELS_PER_CHUNK = 2**18
 # Classes per chunk of the separation loss (its gathered nearest rows, forward and backward).
 _CLASSES_PER_CHUNK = 8192
 # Largest C for which ``table_gradient="auto"`` takes the matmul on GPU/TPU: its work grows as
-# N·C (like the exact search's), the sorted path's as N·log N. A guess until benchmarks.gpu_check
+# N·C (like the exact search's), the segment path's as N·log N. A guess until benchmarks.gpu_check
 # has measured both on a GPU.
 MATMUL_MAX_CLASSES = 8192
-TABLE_GRADIENTS = ("auto", "scatter", "sorted", "matmul")
+TABLE_GRADIENTS = ("auto", "scatter", "sorted", "matmul", "segment")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +44,8 @@ class LossPlan:
       max_block_bytes: budget of the nearest-class searches (queries×classes scores, and the
         matmul table gradient's classes×pixels weights).
       pixels_per_chunk: pixels per chunk of the loss (rows gathered and recomputed per chunk).
-      table_gradient: ``"scatter"``, ``"sorted"`` or ``"matmul"`` (see :func:`ess_objective`).
+      table_gradient: ``"scatter"``, ``"sorted"``, ``"matmul"`` or ``"segment"`` (see
+        :func:`ess_objective`).
       search_method: ``"pyramid"`` or ``"top_k"`` (see ``knn.nearest_class_ids``).
     """
 
@@ -68,7 +69,7 @@ def loss_plan(
     On ``"cpu"``: 8 MiB blocks, 8 192-pixel chunks, scatter-add, the pyramid search (the values
     the CPU benchmarks were measured with). On any other backend: 1 GiB blocks, 2¹⁸-pixel
     chunks, ``lax.top_k``, and the matmul table gradient up to ``MATMUL_MAX_CLASSES`` classes,
-    the sorted one above (no contended float atomics either way). Ints and named methods are
+    the segment one above (no contended float atomics either way). Ints and named methods are
     kept as given.
 
     Args:
@@ -93,7 +94,7 @@ def loss_plan(
         if backend == "cpu":
             table_gradient = "scatter"
         else:
-            table_gradient = "matmul" if num_classes <= MATMUL_MAX_CLASSES else "sorted"
+            table_gradient = "matmul" if num_classes <= MATMUL_MAX_CLASSES else "segment"
     return LossPlan(
         max_block_bytes=knn.resolve_block_bytes(max_block_bytes, backend),
         pixels_per_chunk=int(pixels_per_chunk),
@@ -196,15 +197,7 @@ def _add_rows(table: jax.Array, ids: jax.Array, rows: jax.Array, presorted: bool
     sorted_ids, order = lax.sort_key_val(flat_ids, positions)
     sorted_rows = flat_rows[order]
     starts = jnp.concatenate([jnp.ones((1,), bool), sorted_ids[1:] != sorted_ids[:-1]])
-
-    def combine(left, right):
-        left_start, left_sum = left
-        right_start, right_sum = right
-        return left_start | right_start, jnp.where(
-            right_start[..., None], right_sum, left_sum + right_sum
-        )
-
-    _, running = lax.associative_scan(combine, (starts, sorted_rows))
+    _, running = lax.associative_scan(_segment_combine, (starts, sorted_rows))
     ends = jnp.concatenate([starts[1:], jnp.ones((1,), bool)])
     # Each id's last entry writes its sum; every other entry gets its own id past the table
     # (dropped), so that the indices are truly unique, as unique_indices promises.
@@ -266,6 +259,69 @@ def _add_rows_by_matmul(
         )
 
     return lax.fori_loop(0, -(-num_classes // block), add_block, table)
+
+
+def _add_rows_by_segments(
+    table: jax.Array,
+    classes: jax.Array,
+    normalize: bool,
+    pixels: jax.Array,
+    candidates: jax.Array,
+    coefficients: jax.Array,
+    entries_per_chunk: int,
+) -> jax.Array:
+    """The same sums as :func:`_add_rows_by_matmul`, by one sort of every id of the step.
+
+    All ``N·(k+1)`` candidate ids are sorted once; then, chunk by chunk of the sorted entries,
+    the values ``[a·p, a]`` are gathered, summed per id with a segmented scan, and each id's
+    sum is written once (unique indices: no contended atomics). An id whose entries span two
+    chunks is written once by each. Work grows as N·log N, whatever C.
+
+    Args:
+      table: float32 ``[C, D]``, the gradient so far.
+      classes: float32 ``[C, D]``, the table the loss reads.
+      normalize: the loss reads ``classes`` scaled to unit rows.
+      pixels: float32 ``[N, D]``.
+      candidates: int32 ``[N, k + 1]``.
+      coefficients: float32 ``[N, k + 1]`` (0 for padding pixels).
+      entries_per_chunk: sorted entries per chunk, a divisor of ``N·(k+1)``.
+
+    Returns:
+      float32 ``[C, D]``.
+    """
+    num_classes, dim = table.shape
+    width = candidates.shape[1]
+    flat_ids = candidates.reshape(-1)
+    flat_coefficients = coefficients.reshape(-1)
+    count = flat_ids.shape[0]
+    sorted_ids, order = lax.sort_key_val(flat_ids, jnp.arange(count, dtype=jnp.int32))
+    chunk = entries_per_chunk
+
+    def add_chunk(index, sums):
+        ids = lax.dynamic_slice_in_dim(sorted_ids, index * chunk, chunk)
+        entries = lax.dynamic_slice_in_dim(order, index * chunk, chunk)
+        a = flat_coefficients[entries][:, None]
+        values = jnp.concatenate([a * pixels[entries // width], a], axis=1)  # [chunk, D + 1]
+        starts = jnp.concatenate([jnp.ones((1,), bool), ids[1:] != ids[:-1]])
+        _, running = lax.associative_scan(_segment_combine, (starts, values))
+        ends = jnp.concatenate([starts[1:], jnp.ones((1,), bool)])
+        targets = jnp.where(ends, ids, num_classes + jnp.arange(chunk, dtype=jnp.int32))
+        return sums.at[targets].add(running, mode="drop", unique_indices=True)
+
+    sums = jnp.zeros((num_classes, dim + 1), jnp.float32)
+    sums = lax.fori_loop(0, count // chunk, add_chunk, sums)
+    rows, inverse_norms = _read_rows(classes, normalize)
+    row_grad = rows * sums[:, dim:] - sums[:, :dim]
+    return table + _raw_row_gradient(rows, inverse_norms, row_grad)
+
+
+def _segment_combine(left, right):
+    """Segmented-sum combiner: ``(start flag, running sum)`` pairs."""
+    left_start, left_sum = left
+    right_start, right_sum = right
+    return left_start | right_start, jnp.where(
+        right_start[..., None], right_sum, left_sum + right_sum
+    )
 
 
 def _ess_chunk_coefficients(pixels, rows, valid, temperature, cotangent):
@@ -478,8 +534,32 @@ def _loss_sums_bwd(terms, residuals, cotangents):
             grad = _add_rows(grad, chunk_candidates, rows_grad, terms.table_gradient == "sorted")
             return grad, chunk_pixel_grad
 
+        def coefficient_step(carry, xs):
+            chunk_pixels, chunk_targets, chunk_neighbors, chunk_valid = xs
+            rows, _ = _read_rows(
+                classes[_candidates(chunk_targets, chunk_neighbors)], terms.normalize
+            )
+            coefficients, chunk_pixel_grad = _ess_chunk_coefficients(
+                chunk_pixels, rows, chunk_valid, terms.temperature, ess_cotangent
+            )
+            return carry, (chunk_pixel_grad, coefficients)
+
         chunks = _pixel_chunks(pixels, targets, neighbors, valid, terms.pixels_per_chunk)
-        table_grad, pixel_grad = lax.scan(ess_step, table_grad, chunks)
+        if terms.table_gradient == "segment":
+            # The chunks only give coefficients; one sort of the step's ids sums them.
+            _, (pixel_grad, coefficients) = lax.scan(coefficient_step, None, chunks)
+            candidates = _candidates(targets, neighbors)
+            table_grad = _add_rows_by_segments(
+                table_grad,
+                classes,
+                terms.normalize,
+                pixels,
+                candidates,
+                coefficients.reshape(candidates.shape),
+                terms.pixels_per_chunk * candidates.shape[1],
+            )
+        else:
+            table_grad, pixel_grad = lax.scan(ess_step, table_grad, chunks)
         pixel_grad = pixel_grad.reshape(pixels.shape)
     return pixel_grad, None, None, None, None, table_grad
 
@@ -562,8 +642,9 @@ def ess_objective(
         on CPU; atomics on GPUs), ``"sorted"`` (each chunk's rows summed per class id after a
         sort, then written once per id; see ``_add_rows``), ``"matmul"`` (per block of classes,
         a pixels-weighted sum as one matmul; no sort, no scatter; see
-        ``_add_rows_by_matmul``) or ``"auto"`` (:func:`loss_plan`: scatter on CPU; matmul up to
-        ``MATMUL_MAX_CLASSES`` classes, sorted above, on GPU/TPU).
+        ``_add_rows_by_matmul``), ``"segment"`` (one sort of all the step's candidate ids, then
+        per-id sums written once; see ``_add_rows_by_segments``) or ``"auto"`` (:func:`loss_plan`:
+        scatter on CPU; matmul up to ``MATMUL_MAX_CLASSES`` classes, segment above, on GPU/TPU).
       negatives: ``"nearest_other"`` (the paper: the k nearest classes other than the target)
         or ``"original"`` (the original code: the k nearest classes, a target among them
         replaced as in :func:`original_rule_negatives`).

@@ -350,7 +350,7 @@ def test_loss_plan_by_backend():
     # GPU/TPU: GiB blocks, 2¹⁸-pixel chunks, top_k, and no contended atomics.
     for backend in ("gpu", "tpu"):
         assert losses.loss_plan(backend, 1284) == losses.LossPlan(2**30, 2**18, "matmul", "top_k")
-        assert losses.loss_plan(backend, 100_000).table_gradient == "sorted"
+        assert losses.loss_plan(backend, 100_000).table_gradient == "segment"
     given = losses.loss_plan(
         "gpu", 19, max_block_bytes=2**20, pixels_per_chunk=100, table_gradient="scatter"
     )
@@ -359,7 +359,7 @@ def test_loss_plan_by_backend():
         losses.loss_plan("cpu", 19, pixels_per_chunk="many")
 
 
-@pytest.mark.parametrize("table_gradient", ["scatter", "sorted", "matmul"])
+@pytest.mark.parametrize("table_gradient", ["scatter", "sorted", "matmul", "segment"])
 @pytest.mark.parametrize("search_method", ["pyramid", "top_k"])
 @pytest.mark.parametrize("num_classes", [5, 150])
 def test_table_gradients_and_searches_match_reference(table_gradient, search_method, num_classes):
@@ -401,9 +401,12 @@ def test_table_gradients_and_searches_match_reference(table_gradient, search_met
     )
 
 
-def test_gpu_sized_plan_runs_on_cpu_and_matches_reference():
-    """The plan a GPU gets (1 GiB blocks, 2¹⁸-pixel chunks, top_k, matmul), run here."""
+@pytest.mark.parametrize("matmul_max_classes", [losses.MATMUL_MAX_CLASSES, 100])
+def test_gpu_sized_plan_runs_on_cpu_and_matches_reference(monkeypatch, matmul_max_classes):
+    """The plan a GPU gets (1 GiB blocks, 2¹⁸-pixel chunks, top_k, matmul or segment), run here."""
+    monkeypatch.setattr(losses, "MATMUL_MAX_CLASSES", matmul_max_classes)
     plan = losses.loss_plan("gpu", 300)
+    assert plan.table_gradient == ("matmul" if matmul_max_classes > 300 else "segment")
     pixels, unit, rng = random_embeddings(50, 2000, 300, 8)
     raw = unit * rng.uniform(0.5, 2.0, (300, 1)).astype(np.float32)
     labels = rng.integers(-1, 300, 2000).astype(np.int32)
