@@ -910,7 +910,8 @@ def _acceptance(by_kind) -> list[str]:
                 )
         present = [c for c in classes if ess[c]]
         if len(present) >= 2:
-            low, high = present[0], present[-1]
+            # The issue compares the largest C with C = 1 284 (the nearest C present).
+            low, high = min(present[:-1], key=lambda c: abs(c - 1284)), present[-1]
             growth = ess[high]["compiled_peak_mb"] / ess[low]["compiled_peak_mb"] - 1
             lines.append(
                 f"- {backbone}: ESS compiled peak at C = {high:,} vs C = {low:,}: "
