@@ -113,3 +113,33 @@ def test_full_preset_plan_puts_the_acceptance_first(tmp_path):
     assert sum(n.startswith("loss") for n in names) == 12
     assert sum(n.startswith("step") for n in names) == 16
     assert len(set(names)) == len(names)
+
+
+def test_summary_of_gpu_like_rows(tmp_path):
+    """Rows as an H200 run would write them: a softmax cell that does not fit, the floor."""
+
+    def step(c, head, peak, seconds=None):
+        row = {"kind": "step", "backbone": "resnet101", "C": c, "head": head, "batch": 8}
+        row.update(size=512, embedding_dim=12, compiled_peak_mb=peak, fits=seconds is not None)
+        if seconds is not None:
+            row.update(step_seconds=seconds, images_per_second=8 / seconds)
+        return row
+
+    rows = [
+        step(1284, "ess", 4000.0, 0.07),
+        step(1284, "softmax", 24000.0, 0.06),
+        step(100_000, "ess", 4100.0, 0.5),
+        step(100_000, "softmax", 900_000.0),
+        {"kind": "matmul", "square_size": 8192, "square_tflops": 50.0},
+        {"kind": "status", "piece": "step resnet101 C=100000 ess", "status": "ok", "seconds": 1.0},
+    ]
+    rows[4].update(search_shape=[131072, 13, 8192], search_tflops=5.0)
+    for row in rows:
+        gpu_check.append_row(tmp_path, row)
+    summary = gpu_check.summarize(tmp_path)
+    assert "| resnet101 | 100,000 | softmax | 900,000.0 MB | does not fit | — |" in summary
+    assert "C = 1,284: ESS / softmax step time = 1.17" in summary
+    assert "ESS compiled peak at C = 100,000 vs C = 1,284: +2.5 %" in summary
+    # 2·N·C·(D+1) with N = 8·512², C = 100 000, D = 12, at 50 TFLOP/s.
+    flops = 2 * 8 * 512**2 * 100_000 * 13
+    assert f"{flops:.3g} flops takes {flops / 50e12:.4f} s" in summary
