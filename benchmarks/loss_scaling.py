@@ -2,6 +2,7 @@
 
     python -m benchmarks.loss_scaling                 # the full table (BENCHMARKS.md)
     python -m benchmarks.loss_scaling --preset demo   # a small table in about a minute
+    python -m benchmarks.loss_scaling --max_block_mb auto --pixels_per_chunk auto  # GPU sizes
 
 For each class count C it compiles ``jax.value_and_grad`` of ``ess_loss + separation_loss``
 (N pixels, D dimensions, k neighbours) and reports the compiled temporary memory
@@ -117,6 +118,7 @@ def ess_objective(
     k,
     max_block_bytes=knn.DEFAULT_MAX_BLOCK_BYTES,
     table_gradient="auto",
+    pixels_per_chunk=8192,
 ):
     """``ess_loss + separation_loss`` as the library computes it (``losses.ess_objective``)."""
     total, _ = losses.ess_objective(
@@ -125,6 +127,7 @@ def ess_objective(
         classes,
         num_neighbors=k,
         max_block_bytes=max_block_bytes,
+        pixels_per_chunk=pixels_per_chunk,
         table_gradient=table_gradient,
     )
     return total
@@ -196,8 +199,9 @@ def measure(
     num_classes: int,
     *,
     compare: bool,
-    max_block_bytes: int = knn.DEFAULT_MAX_BLOCK_BYTES,
+    max_block_bytes: int | str = knn.DEFAULT_MAX_BLOCK_BYTES,
     table_gradient: str = "auto",
+    pixels_per_chunk: int | str = 8192,
 ) -> dict:
     """One table row: ESS (and optionally the straightforward search) and softmax at C."""
     pixels, labels, classes = random_inputs(preset, num_classes)
@@ -211,6 +215,7 @@ def measure(
                 k=preset.num_neighbors,
                 max_block_bytes=max_block_bytes,
                 table_gradient=table_gradient,
+                pixels_per_chunk=pixels_per_chunk,
             ),
             argnums=(0, 2),
         )
@@ -292,9 +297,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--classes", type=int, nargs="*", help="override the preset's class counts")
     parser.add_argument(
         "--max_block_mb",
-        type=float,
-        default=knn.DEFAULT_MAX_BLOCK_BYTES / 2**20,
-        help="block budget of the ESS search (MiB)",
+        default=str(knn.DEFAULT_MAX_BLOCK_BYTES // 2**20),
+        help="block budget of the ESS search (MiB), or 'auto' (by backend: losses.loss_plan)",
+    )
+    parser.add_argument(
+        "--pixels_per_chunk",
+        default="8192",
+        help="pixels per chunk of the ESS loss, or 'auto' (by backend: losses.loss_plan)",
     )
     parser.add_argument(
         "--table_gradient",
@@ -304,7 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
-    block = int(args.max_block_mb * 2**20)
+    block = "auto" if args.max_block_mb == "auto" else int(float(args.max_block_mb) * 2**20)
+    chunk = "auto" if args.pixels_per_chunk == "auto" else int(args.pixels_per_chunk)
     counts = tuple(args.classes) if args.classes else preset.class_counts
     print(describe(preset), flush=True)
     rows = []
@@ -318,6 +328,7 @@ def main(argv: list[str] | None = None) -> None:
                 compare=compare,
                 max_block_bytes=block,
                 table_gradient=args.table_gradient,
+                pixels_per_chunk=chunk,
             )
         )
         print(f"  C = {num_classes:,} done in {time.perf_counter() - start:.0f} s", flush=True)
