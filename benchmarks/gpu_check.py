@@ -248,7 +248,8 @@ def piece_versions(output_dir: Path, scratch_dir: Path, preset: Preset) -> None:
 def _classify_atomics(text: str) -> tuple[str, dict, list[str]]:
     """Verdict on the float32 atomics in PTX text: ``native``, ``cas loop``, ``both``, ``none``."""
     lines = [line.strip() for line in text.splitlines() if "atom." in line or "red." in line]
-    native = [line for line in lines if ".add.f32" in line or ".add.noftz.f32" in line]
+    # atom.global.add.f32, red.global.add.f32, red.global.v4.f32.add (Hopper's vector form)...
+    native = [line for line in lines if ".add" in line and ".f32" in line and ".cas" not in line]
     cas = [line for line in lines if ".cas." in line]
     counts = {"float_add_atomics": len(native), "cas_atomics": len(cas), "atomic_lines": len(lines)}
     verdict = {

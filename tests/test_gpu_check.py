@@ -96,6 +96,8 @@ def test_atomics_verdict_from_ptx_text():
     native = "atom.global.add.f32 %f1, [%rd1], %f2;\nred.global.add.f32 [%rd2], %f3;"
     cas = "atom.global.cas.b32 %r1, [%rd1], %r2, %r3;"
     assert gpu_check._classify_atomics(native)[0] == "native f32 atomic add"
+    vector = "red.global.v4.f32.add [%rd1], {%f1, %f2, %f3, %f4};"
+    assert gpu_check._classify_atomics(vector)[0] == "native f32 atomic add"
     assert gpu_check._classify_atomics(cas)[0] == "compare-and-swap loop"
     assert gpu_check._classify_atomics("add.f32 %f1, %f2, %f3;")[0] == "no atomics found"
 
