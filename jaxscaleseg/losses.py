@@ -616,6 +616,8 @@ def ess_objective(
     table_gradient: str = "auto",
     negatives: str = "nearest_other",
     search_method: str = "auto",
+    separation_ids: jax.Array | None = None,
+    neighbor_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The training objective ``ess_loss + separation_weight · separation_loss`` in one pass.
 
@@ -649,6 +651,13 @@ def ess_objective(
         or ``"original"`` (the original code: the k nearest classes, a target among them
         replaced as in :func:`original_rule_negatives`).
       search_method: the nearest-class search's selection (``knn.nearest_class_ids``).
+      separation_ids: optional int ``[C]``, each class's nearest other class for the separation
+        term (e.g. from :func:`nearest_other_classes` a few steps ago, see
+        :func:`refresh_separation_ids`); the hinge is computed on the current rows. None: the
+        exact C×C bounded search, now.
+      neighbor_ids: optional int ``[B, H, W, k]``, each pixel's k negatives found elsewhere
+        (e.g. by ``knn_index.approximate_nearest_class_ids``, excluding the target); None: the
+        exact search (``negatives`` then applies).
 
     Returns:
       ``(total, {"ess": ..., "separation": ...})``, float32 scalars; ``separation`` is 0 when
@@ -677,17 +686,27 @@ def ess_objective(
     if negatives not in NEGATIVE_RULES:
         raise ValueError(f"negatives={negatives!r}; expected one of {NEGATIVE_RULES}")
     original = negatives == "original"
-    neighbors = knn.nearest_class_ids(
-        pixels,
-        classes,
-        num_neighbors,
-        exclude=None if original else targets,
-        max_block_bytes=plan.max_block_bytes,
-        method=plan.search_method,
-        normalize_classes=normalize_classes,
-    )
-    if original:
-        neighbors = original_rule_negatives(neighbors, targets)
+    if neighbor_ids is not None:
+        if neighbor_ids.shape != (*labels.shape, num_neighbors):
+            raise ValueError(
+                f"neighbor_ids {neighbor_ids.shape} must be labels {labels.shape}"
+                f" + (num_neighbors={num_neighbors},)"
+            )
+        neighbors = lax.stop_gradient(jnp.asarray(neighbor_ids, jnp.int32)).reshape(
+            -1, num_neighbors
+        )
+    else:
+        neighbors = knn.nearest_class_ids(
+            pixels,
+            classes,
+            num_neighbors,
+            exclude=None if original else targets,
+            max_block_bytes=plan.max_block_bytes,
+            method=plan.search_method,
+            normalize_classes=normalize_classes,
+        )
+        if original:
+            neighbors = original_rule_negatives(neighbors, targets)
     num_pixels = pixels.shape[0]
     chunk = max(1, min(plan.pixels_per_chunk, num_pixels))
     extra = -num_pixels % chunk
@@ -697,11 +716,16 @@ def ess_objective(
         neighbors = jnp.pad(neighbors, ((0, extra), (0, 0)))
         valid = jnp.pad(valid, (0, extra))
     with_separation = separation_weight != 0
-    nearest = (
-        _nearest_other_class(classes, plan.max_block_bytes, normalize_classes, plan.search_method)
-        if with_separation
-        else jnp.zeros((num_classes,), jnp.int32)
-    )
+    if not with_separation:
+        nearest = jnp.zeros((num_classes,), jnp.int32)
+    elif separation_ids is not None:
+        if separation_ids.shape != (num_classes,):
+            raise ValueError(f"separation_ids {separation_ids.shape} must be (C={num_classes},)")
+        nearest = lax.stop_gradient(jnp.asarray(separation_ids, jnp.int32))
+    else:
+        nearest = _nearest_other_class(
+            classes, plan.max_block_bytes, normalize_classes, plan.search_method
+        )
     terms = _Terms(
         temperature=float(temperature),
         margin=float(margin),
@@ -794,6 +818,70 @@ def _nearest_other_class(
         method=method,
         normalize_classes=normalize,
     )[:, 0]
+
+
+def nearest_other_classes(
+    class_emb: jax.Array,
+    *,
+    normalize_classes: bool = False,
+    max_block_bytes: int | str = knn.DEFAULT_MAX_BLOCK_BYTES,
+    search_method: str = "auto",
+) -> jax.Array:
+    """Each class's nearest other class, exactly (bounded search): the separation term's ids.
+
+    The same ids :func:`ess_objective` finds when it is given no ``separation_ids``.
+
+    Args:
+      class_emb: float ``[C, D]``, C >= 2.
+      normalize_classes: search among the rows scaled to unit length.
+      max_block_bytes: memory budget of the search, or ``"auto"``.
+      search_method: block selection (``knn.nearest_class_ids``), or ``"auto"``.
+
+    Returns:
+      int32 ``[C]``.
+    """
+    num_classes, _ = _check_table(class_emb, "nearest_other_classes")
+    plan = loss_plan(
+        None, num_classes, max_block_bytes=max_block_bytes, search_method=search_method
+    )
+    classes = jnp.asarray(class_emb, jnp.float32)
+    return _nearest_other_class(
+        classes, plan.max_block_bytes, normalize_classes, plan.search_method
+    )
+
+
+def refresh_separation_ids(
+    separation_ids: jax.Array,
+    class_emb: jax.Array,
+    step: jax.Array,
+    every: int,
+    **search_kwargs,
+) -> jax.Array:
+    """``separation_ids``, recomputed exactly where ``step % every == 0`` (one ``lax.cond``).
+
+    Jittable with a traced ``step``: the C×C search runs only on the steps that refresh (on
+    the others the ids carried from the last refresh are returned), so the separation term's
+    search costs ``1/every`` of its per-step cost. ``every = 1`` refreshes on every step.
+
+    Args:
+      separation_ids: int32 ``[C]``, the ids of the last refresh.
+      class_emb: float ``[C, D]``, the table as the step reads it.
+      step: int scalar, the step about to be taken.
+      every: refresh period n >= 1 (static).
+      **search_kwargs: passed to :func:`nearest_other_classes`.
+
+    Returns:
+      int32 ``[C]``.
+    """
+    if int(every) < 1:
+        raise ValueError(f"separation refresh period every={every} must be >= 1")
+    if every == 1:
+        return nearest_other_classes(class_emb, **search_kwargs)
+    return lax.cond(
+        jnp.asarray(step) % every == 0,
+        lambda: nearest_other_classes(class_emb, **search_kwargs),
+        lambda: jnp.asarray(separation_ids, jnp.int32),
+    )
 
 
 def separation_loss(

@@ -68,14 +68,20 @@ def ess_loss_and_grads(
     return loss, grad_p, grad_e
 
 
-def separation_loss_and_grad(classes, margin):
-    """Separation regulariser and its gradient, float64."""
+def separation_loss_and_grad(classes, margin, nearest_id=None):
+    """Separation regulariser and its gradient, float64.
+
+    ``nearest_id``: int ``[C]``, each class's partner in the hinge; None: its nearest other
+    class now.
+    """
     e = np.asarray(classes, np.float64)
     num = len(e)
-    d = distances(e, e)
-    np.fill_diagonal(d, np.inf)
-    nearest_id = d.argmin(-1)
-    nd = d[np.arange(num), nearest_id]
+    if nearest_id is None:
+        d = distances(e, e)
+        np.fill_diagonal(d, np.inf)
+        nearest_id = d.argmin(-1)
+    nearest_id = np.asarray(nearest_id)
+    nd = np.sqrt(((e - e[nearest_id]) ** 2).sum(-1))
     loss = np.maximum(margin - nd, 0.0).sum() / num
     grad = np.zeros_like(e)
     active = nd < margin
