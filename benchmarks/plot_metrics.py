@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from jaxscaleseg import visualize
+from jaxscaleseg import visualize, workdir
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not metrics_file.is_file():
         print(f"error: no metrics file {metrics_file}", file=sys.stderr)
         return 1
-    records = visualize.read_metrics(metrics_file)
+    records = workdir.read_metrics(metrics_file)
     output = Path(args.output) if args.output else metrics_file.parent / "training_curves.png"
     try:
         keys = visualize.plot_training_curves(records, output, title=str(source))

@@ -29,6 +29,7 @@ import jax
 
 from benchmarks.results_files import write_tables
 from jaxscaleseg import config_schema, training
+from jaxscaleseg import workdir as workdir_lib
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,7 +97,7 @@ def run_cell(preset: Preset, num_classes: int, head: str, seed: int, workdir: Pa
     start = time.perf_counter()
     result = training.train_and_evaluate(config, workdir)
     seconds = time.perf_counter() - start
-    logged = [m for m in training.read_metrics(workdir) if "train_loss" in m]
+    logged = [m for m in workdir_lib.read_metrics(workdir) if "train_loss" in m]
     return {
         "C": num_classes,
         "head": head,

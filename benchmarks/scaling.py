@@ -4,7 +4,7 @@
     python -m benchmarks.scaling --preset gpu        # ResNet-101 OS 16, batch 8, 512×512, f32+bf16
 
 For C in {19, 150, 1 284, 10 000, 100 000} and both heads (the softmax baseline and ESS) it
-compiles ``training.train_step`` (model + loss + optimiser update) and reports
+compiles ``steps.train_step`` (model + loss + optimiser update) and reports
 
 * compiled peak memory per step: arguments + outputs + temporaries from ``memory_analysis()``
   (the state is donated, so it is counted once);
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.results_files import write_tables
-from jaxscaleseg import config_schema, optim, training
+from jaxscaleseg import config_schema, optim, steps
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -100,13 +100,13 @@ def random_variables(shapes) -> dict:
 def measure(preset: Preset, num_classes: int, head: str, dtype: str) -> dict:
     """Compiled memory and (where it fits) step time of one (C, head, dtype) cell."""
     config = make_config(preset, num_classes, head, dtype)
-    spec = training.LossSpec.from_config(config.loss)
+    spec = steps.LossSpec.from_config(config.loss)
     image_shape = (preset.batch, preset.size, preset.size, 3)
-    model = training.make_model(config)
+    model = steps.make_model(config)
     tx = optim.make_optimizer(config.optim, config.num_train_steps)
 
     def new_state(variables):
-        return training.TrainState.create(
+        return steps.TrainState.create(
             apply_fn=model.apply,
             params=variables["params"],
             tx=tx,
@@ -123,7 +123,7 @@ def measure(preset: Preset, num_classes: int, head: str, dtype: str) -> dict:
         "image": jax.ShapeDtypeStruct(image_shape, jnp.float32),
         "label": jax.ShapeDtypeStruct(image_shape[:3], jnp.int32),
     }
-    step = jax.jit(functools.partial(training.train_step, spec=spec), donate_argnums=0)
+    step = jax.jit(functools.partial(steps.train_step, spec=spec), donate_argnums=0)
     key = jax.random.key(0)
     compiled = step.lower(abstract_state, batch_shapes, key).compile()
     memory = compiled.memory_analysis()

@@ -4,9 +4,9 @@ COCO-Stuff 10k (171 classes), DeepLabV3+ ResNet-50 (output stride 16), ESS head.
 
 Variants: ``:smoke``, ``:original`` (the original code's data handling, class set,
 normalisation, negative-set rule and BatchNorm momenta, below; it needs the 182-class
-preparation, ``python -m jaxscaleseg.data.prepare coco_stuff --config stuff10k_182 ...``).
-Needs the prepared dataset (``python -m jaxscaleseg.data.prepare coco_stuff --config
-stuff10k_171 ...``); the ImageNet backbone is torchvision's, fetched once.
+preparation, ``python -m jaxscaleseg.data.prepare coco_stuff --builder_config stuff10k_182``).
+Needs the prepared dataset (``python -m jaxscaleseg.data.prepare coco_stuff
+--builder_config stuff10k_171 ...``); the ImageNet backbone is torchvision's, fetched once.
 
 Where each setting comes from ("the original code" is github.com/shipra25jain/ESSNet):
 

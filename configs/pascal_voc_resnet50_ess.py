@@ -5,7 +5,7 @@ trained on ``train_aug`` (10 582 images), evaluated on ``validation`` (1 449).
 
 Variants: ``:smoke``, ``:original`` (the original code's crop, negative-set rule and BatchNorm
 momenta, below). Needs the prepared dataset (``python -m jaxscaleseg.data.prepare pascal_voc
---config voc2012_aug ...``, which needs SBD's ``benchmark.tgz`` besides the VOC tar); the
+--builder_config voc2012_aug ...``, which needs SBD's ``benchmark.tgz`` besides the VOC tar); the
 ImageNet backbone is torchvision's, fetched once. The training log prints the split sizes it
 uses; ``voc2012_aug`` with any other training split is refused.
 

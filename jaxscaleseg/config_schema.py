@@ -19,7 +19,8 @@ Sections:
   code's factor jitter), ``warp_size`` (empty, or the (H, W) every training and evaluation
   image and label is resized to first, aspect ratio not kept: the original code's COCO-Stuff),
   ``normalization`` (``imagenet`` or ``coco_stuff_original``),
-  ``repeat_factor_threshold`` (0: off), ``worker_count``, evaluation sizes
+  ``repeat_factor_threshold`` (0: off), ``worker_count`` (input processes: ``"auto"``, none
+  on a CPU backend and up to 8 on an accelerator, or a count), evaluation sizes
   (``eval_crop_size``/``eval_pad_to``, empty: full resolution), ``eval_protocol`` (``fit``:
   shrink to fit ``eval_crop_size`` and pad, every pixel scored; ``crop_val``: the original
   code's ``--crop_val``, short side resized to the square ``eval_crop_size`` and only the
@@ -62,15 +63,12 @@ import ml_collections
 
 from jaxscaleseg import losses
 from jaxscaleseg.data import augment, pipeline, splits, synthetic
+from jaxscaleseg.errors import ConfigError
 from jaxscaleseg.models import BACKBONES, OUTPUT_STRIDES
 
 LOSSES = ("softmax", "ess")
 DTYPES = ("float32", "bfloat16")
 CLASS_EMBEDDING_INITS = ("uniform", "imprint")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -105,7 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.warp_size = ()
     d.normalization = "imagenet"
     d.repeat_factor_threshold = 0.0
-    d.worker_count = 0
+    d.worker_count = ml_collections.FieldReference("auto", field_type=object)
     d.eval_crop_size = ()
     d.eval_pad_to = ()
     d.eval_protocol = "fit"
@@ -218,7 +216,7 @@ def sibling_config(config_file: str, name: str, variant: str = "") -> ml_collect
 def variants(arg: str | None) -> set[str]:
     """The comma-separated variant names of a ``--config file.py:variant`` argument."""
     names = {v.strip() for v in (arg or "").split(",") if v.strip()}
-    unknown = names - {"smoke", "softmax", "ess", "original"}
+    unknown = names - {"smoke", "original"}
     if unknown:
         raise ConfigError(f"unknown config variant(s) {sorted(unknown)}; known: smoke, original")
     return names
@@ -340,6 +338,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"loss.table_gradient must be one of {losses.TABLE_GRADIENTS}, "
             f"got {loss.table_gradient!r}"
         )
+    _auto_or_int(d.worker_count, "dataset.worker_count", 0)
     _auto_or_int(loss.max_block_bytes, "loss.max_block_bytes", 2**16)
     _auto_or_int(loss.pixels_per_chunk, "loss.pixels_per_chunk", 1)
     if loss.temperature <= 0:

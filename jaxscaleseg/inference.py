@@ -20,21 +20,16 @@ Typical use::
     predictor = Predictor.from_workdir(config, "workdirs/demo", checkpoint="best")
     labels = predictor(image_uint8)  # int32 [H, W]
 
-Checkpoint layout read by :func:`load_variables` (written by :mod:`jaxscaleseg.training`)::
-
-    <workdir>/checkpoints/<step>/state   latest states: {step, params, batch_stats, opt_state}
-    <workdir>/best/<step>/state          the best-mIoU state
-    <workdir>/model.json                 the model's architecture (backbone, head, C, D, ...)
+:meth:`Predictor.from_workdir` reads a training workdir through :mod:`jaxscaleseg.workdir`:
+the model is rebuilt from its ``model.json`` and the variables come from its checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -44,9 +39,11 @@ import ml_collections
 import numpy as np
 from jax import lax
 
-from jaxscaleseg import knn
-from jaxscaleseg.data import augment, synthetic
-from jaxscaleseg.models import l2_normalize
+from jaxscaleseg import knn, steps
+from jaxscaleseg import workdir as workdir_lib
+from jaxscaleseg.data import augment, sources, synthetic
+from jaxscaleseg.errors import UserError, one_line
+from jaxscaleseg.models import build_model, l2_normalize
 from jaxscaleseg.models.layers import resize_bilinear
 
 ApplyFn = Callable[[jax.Array], Mapping[str, jax.Array]]
@@ -55,15 +52,6 @@ Features = tuple[jax.Array, jax.Array | None]
 MODES = ("whole", "slide")
 # Multi-scale test scales in common use (mmsegmentation, DeepLab): 0.5 to 1.75 in steps of 0.25.
 COMMON_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
-CHECKPOINT_DIRS = {"latest": "checkpoints", "best": "best"}
-
-
-class CheckpointNotFoundError(FileNotFoundError):
-    """The workdir holds no checkpoint of the requested kind; the message says what was sought."""
-
-
-class ModelMismatchError(ValueError):
-    """The workdir's ``model.json`` describes another model than the config."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +118,63 @@ class InferenceSettings:
         if "scales" in values:
             values["scales"] = tuple(float(s) for s in values["scales"])
         return cls(**values)
+
+
+def _pair(text: str | None, name: str) -> tuple[int, int] | None:
+    """``"H,W"`` (or ``"HxW"``, or one number for both) as two positive ints; None stays None."""
+    if text is None:
+        return None
+    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or min(values) < 1:
+        raise UserError(f"--{name} must be H,W (positive integers), got {text!r}")
+    return values
+
+
+def _scales(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    if text.strip() == "common":
+        return COMMON_SCALES
+    try:
+        return tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise UserError(f"--scales must be numbers or 'common', got {text!r}") from None
+
+
+def settings_from_text(
+    config: ml_collections.ConfigDict,
+    *,
+    mode: str | None = None,
+    crop_size: str | None = None,
+    stride: str | None = None,
+    flip: bool | None = None,
+    scales: str | None = None,
+) -> InferenceSettings:
+    """Settings from the config's ``inference`` section overridden by command-line text.
+
+    ``crop_size``/``stride`` are ``"H,W"``, ``scales`` comma-separated numbers or ``common``;
+    None keeps the config's value.
+
+    Raises:
+      UserError: a value that does not parse or describes no valid settings.
+    """
+    try:
+        return InferenceSettings.from_config(
+            config,
+            mode=mode,
+            crop_size=_pair(crop_size, "crop_size"),
+            stride=_pair(stride, "stride"),
+            flip=flip,
+            scales=_scales(scales),
+        )
+    except ValueError as e:
+        raise UserError(one_line(e)) from e
 
 
 # --------------------------------------------------------------------------- features
@@ -363,160 +408,6 @@ def _bucket(n: int) -> int:
     return -(-n // step) * step
 
 
-# --------------------------------------------------------------------------- loading
-
-
-def model_spec(
-    config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None
-) -> dict[str, Any]:
-    """The architecture of a run: ``model.json`` in ``workdir`` if present, else the config.
-
-    Returns:
-      ``{"backbone", "head", "num_classes", "embedding_dim", "output_stride", "separable"}``
-      (and ``tiny_width`` when the config has it), as :mod:`jaxscaleseg.training` records it.
-    """
-    if workdir is not None:
-        path = Path(os.path.expanduser(str(workdir))) / "model.json"
-        if path.exists():
-            return json.loads(path.read_text())
-    spec = {
-        "backbone": config.model.backbone,
-        "head": "softmax" if config.loss.name == "softmax" else "embedding",
-        "num_classes": int(config.dataset.num_classes),
-        "embedding_dim": int(config.model.embedding_dim),
-        "output_stride": int(config.model.output_stride),
-        "separable": bool(config.model.separable),
-    }
-    if "tiny_width" in config.model:
-        spec["tiny_width"] = int(config.model.tiny_width)
-    if "center_embedding" in config.model:
-        spec["center_embedding"] = bool(config.model.center_embedding)
-    return spec
-
-
-def check_model_spec(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
-    """Refuses a workdir whose ``model.json`` describes another model than ``config``.
-
-    Raises:
-      ModelMismatchError: naming the differing fields.
-    """
-    stored, expected = model_spec(config, workdir), model_spec(config)
-    diffs = [
-        f"{k}: workdir {stored[k]!r} vs config {v!r}"
-        for k, v in expected.items()
-        if k in stored and stored[k] != v
-    ]
-    if diffs:
-        raise ModelMismatchError(
-            f"workdir {workdir} holds a different model than the config ({'; '.join(diffs)})"
-        )
-
-
-def _steps(directory: Path) -> list[int]:
-    """Committed checkpoint steps in a CheckpointManager directory (read without writing)."""
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
-
-
-def find_checkpoint(workdir: str | os.PathLike, checkpoint: str | int = "best") -> tuple[Path, int]:
-    """The directory and step of the requested checkpoint.
-
-    Args:
-      workdir: a training workdir.
-      checkpoint: ``"best"`` (best validation mIoU), ``"latest"``, or a step number (looked
-        for among the latest checkpoints, then the best).
-
-    Returns:
-      ``(manager_directory, step)``.
-
-    Raises:
-      CheckpointNotFoundError: naming the workdir and what was looked for.
-    """
-    workdir = Path(os.path.expanduser(str(workdir)))
-    key = str(checkpoint)
-    if key in CHECKPOINT_DIRS:
-        directory = workdir / CHECKPOINT_DIRS[key]
-        steps = _steps(directory)
-        if steps:
-            return directory, steps[-1]
-        hint = " (no evaluation has run yet? try --checkpoint latest)" if key == "best" else ""
-        raise CheckpointNotFoundError(
-            f"no {key} checkpoint in workdir {workdir}: {directory} holds no step{hint}"
-        )
-    if not key.isdigit():
-        raise ValueError(f"checkpoint must be 'best', 'latest' or a step, got {checkpoint!r}")
-    for name in ("checkpoints", "best"):
-        if int(key) in _steps(workdir / name):
-            return workdir / name, int(key)
-    available = sorted(set(_steps(workdir / "checkpoints")) | set(_steps(workdir / "best")))
-    raise CheckpointNotFoundError(
-        f"no checkpoint of step {key} in workdir {workdir} (looked in checkpoints/ and best/; "
-        f"steps there: {available or 'none'})"
-    )
-
-
-def load_variables(
-    workdir: str | os.PathLike, checkpoint: str | int = "best"
-) -> tuple[dict[str, Any], int]:
-    """The model variables of a saved training state.
-
-    Returns:
-      ``({"params": ..., "batch_stats": ...}, step)`` with numpy leaves.
-
-    Raises:
-      CheckpointNotFoundError: see :func:`find_checkpoint`.
-    """
-    import orbax.checkpoint as ocp  # noqa: PLC0415 (only when loading from a workdir)
-
-    directory, step = find_checkpoint(workdir, checkpoint)
-    with ocp.CheckpointManager(
-        directory.absolute(),
-        item_names=("state",),
-        options=ocp.CheckpointManagerOptions(create=False),
-    ) as manager:
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    state = restored["state"]
-    variables = {"params": state["params"]}
-    if state.get("batch_stats"):
-        variables["batch_stats"] = state["batch_stats"]
-    return variables, int(step)
-
-
-def dataset_class_info(
-    config: ml_collections.ConfigDict, num_classes: int | None = None
-) -> tuple[tuple[str, ...], np.ndarray]:
-    """Class names and palette of the config's dataset.
-
-    The synthetic set's names and hash palette; a TFDS builder's ``class_names`` and
-    ``palette`` metadata when the dataset is prepared; otherwise ``class_<id>`` names and the
-    hash palette.
-
-    Returns:
-      ``(names, palette uint8 [C, 3])``.
-    """
-    num_classes = int(num_classes or config.dataset.num_classes)
-    names, palette = synthetic.class_names(num_classes), synthetic.make_palette(num_classes)
-    if config.dataset.name == "synthetic":
-        return names, palette
-    try:
-        import tensorflow_datasets as tfds  # noqa: PLC0415 (heavy; only for real datasets)
-
-        from jaxscaleseg.data import builders  # noqa: PLC0415 (registers the builders)
-
-        name = builders.tfds_name(config.dataset.name)
-        full = f"{name}/{config.dataset.config}" if config.dataset.config else name
-        builder = tfds.builder(full, data_dir=os.path.expanduser(config.dataset.data_dir))
-        metadata = builder.info.metadata or {}
-        if len(metadata.get("class_names", ())) == num_classes:
-            names = tuple(str(n) for n in metadata["class_names"])
-        if len(metadata.get("palette", ())) == num_classes:
-            palette = np.asarray(metadata["palette"], np.uint8).reshape(num_classes, 3)
-    except Exception:  # noqa: BLE001 (names are cosmetic: fall back to the generic ones)
-        pass
-    return names, palette
-
-
 # --------------------------------------------------------------------------- predictor
 
 
@@ -593,9 +484,10 @@ class Predictor:
         """Loads a training workdir's checkpoint (see the module docstring for the layout).
 
         Args:
-          config: the run's config: the model is built from it (``training.make_model``) after
-            checking it against the workdir's ``model.json``; its dataset gives the class names
-            and palette, its optional ``inference`` section the default settings.
+          config: the run's config: checked against the workdir's ``model.json`` (the model is
+            rebuilt from that file, or from the config when the workdir has none); its dataset
+            gives the class names and palette, its optional ``inference`` section the default
+            settings.
           workdir: the training workdir.
           checkpoint: ``"best"``, ``"latest"`` or a step.
           settings: inference settings; None: :meth:`InferenceSettings.from_config`.
@@ -604,12 +496,11 @@ class Predictor:
           CheckpointNotFoundError: naming the workdir and the checkpoint looked for.
           ModelMismatchError: the workdir's ``model.json`` differs from the config.
         """
-        variables, step = load_variables(workdir, checkpoint)
-        from jaxscaleseg import training  # noqa: PLC0415 (lazy: no import cycle if training uses us)
-
-        check_model_spec(config, workdir)
-        model = training.make_model(config)
-        names, palette = dataset_class_info(config, model.num_classes)
+        variables, step = workdir_lib.load_variables(workdir, checkpoint)
+        expected = steps.model_args(config)
+        workdir_lib.check_model(workdir, expected)
+        model = build_model(**(workdir_lib.read_model_args(workdir) or expected))
+        names, palette = sources.class_info(config, model.num_classes)
         return cls(
             model,
             variables,
@@ -664,19 +555,13 @@ def describe(settings: InferenceSettings) -> str:
 
 __all__ = [
     "COMMON_SCALES",
-    "CheckpointNotFoundError",
     "InferenceSettings",
-    "ModelMismatchError",
     "Predictor",
-    "dataset_class_info",
     "describe",
     "features_to_labels",
-    "find_checkpoint",
     "infer_features",
-    "load_variables",
-    "check_model_spec",
-    "model_spec",
     "scaled_size",
+    "settings_from_text",
     "sliding_window_features",
     "tta_features",
     "whole_image_features",

@@ -3,16 +3,14 @@
 * :func:`colorize`, :func:`overlay`: label maps as colour masks with a dataset palette.
 * :func:`class_shares`, :func:`legend_image`: the classes present in a label map with their
   colours and pixel share (drawn with Pillow only).
-* :func:`plot_training_curves`: loss, mIoU and learning-rate curves from a workdir's
-  ``metrics.jsonl`` (needs matplotlib, imported only there).
+* :func:`plot_training_curves`: loss, mIoU and learning-rate curves from the records of a
+  workdir's ``metrics.jsonl`` (``workdir.read_metrics``; needs matplotlib, imported only there).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -154,25 +152,6 @@ def label_png_array(labels: np.ndarray, num_classes: int) -> np.ndarray:
 # --------------------------------------------------------------------------- training curves
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a JSON-lines metrics file (a workdir or the file itself).
-
-    Lines that are not JSON objects (e.g. a line cut short by a killed run) are skipped.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "metrics.jsonl"
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and "step" in record:
-            records.append(record)
-    return records
-
-
 def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
     steps, values = [], []
     for record in records:
@@ -245,6 +224,5 @@ __all__ = [
     "legend_image",
     "overlay",
     "plot_training_curves",
-    "read_metrics",
     "save_png",
 ]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from jaxscaleseg import cli
 from jaxscaleseg.data import builders, frequency, prepare
 from jaxscaleseg.data.builders import class_info, common, mappings
 from jaxscaleseg.labels import STORED_VOID
@@ -352,16 +353,16 @@ def test_label_size_mismatch_is_a_corrupt_example():
 
 def test_cli_prepares_and_reports(tmp_path, manual, capsys):
     fx.make_ade20k(manual)
-    argv = ["ade20k", "--manual_dir", str(manual), "--data_dir", str(tmp_path / "data")]
-    assert prepare.main(argv) == 0
+    argv = ["prepare", "ade20k", "--manual_dir", str(manual), "--data_dir", str(tmp_path / "data")]
+    assert cli.call(prepare.main, argv) == 0
     out = capsys.readouterr().out
     assert "train: 2 examples" in out and "validation: 1 examples" in out
 
 
 def test_cli_missing_archive_is_one_line(tmp_path, manual, capsys):
     (manual / "unrelated.txt").write_text("x")
-    argv = ["ade20k", "--manual_dir", str(manual), "--data_dir", str(tmp_path / "data")]
-    assert prepare.main(argv) == 1
+    argv = ["prepare", "ade20k", "--manual_dir", str(manual), "--data_dir", str(tmp_path / "data")]
+    assert cli.call(prepare.main, argv) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: seg_ade20k needs ADEChallengeData2016.zip; looked in")
     assert "\n" not in err

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import pytest
 from ml_collections import config_flags
 
-from jaxscaleseg import config_schema, training
+from jaxscaleseg import config_schema, training, workdir
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 CONFIG_FILES = sorted(p for p in CONFIG_DIR.glob("*.py") if not p.name.startswith("_"))
@@ -52,11 +52,14 @@ def _load(path: Path, variant: str = ""):
 
 
 def test_every_paper_setup_has_both_heads():
+    # One way to the softmax baseline: a sibling file X_softmax.py beside X_ess.py (or X.py).
     ess = {n[: -len("_ess")] for n in CONFIG_NAMES if n.endswith("_ess")}
     softmax = {n[: -len("_softmax")] for n in CONFIG_NAMES if n.endswith("_softmax")}
-    assert ess == softmax
+    assert ess | {"synthetic"} == softmax
     assert len(ess) >= 6
     assert "synthetic" in CONFIG_NAMES
+    with pytest.raises(config_schema.ConfigError, match="unknown config variant"):
+        _load(CONFIG_DIR / "synthetic.py", "softmax")
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=CONFIG_NAMES)
@@ -226,5 +229,5 @@ def test_smoke_variant_trains_two_steps(tmp_path, name, variant):
     result = training.train_and_evaluate(config, tmp_path / name)
     assert result["step"] == 2, name
     assert 0.0 <= result["eval"]["mIoU"] <= 1.0, name
-    records = training.read_metrics(tmp_path / name)
+    records = workdir.read_metrics(tmp_path / name)
     assert [r["step"] for r in records if "train_loss" in r] == [1, 2], name

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_training import _state_and_batch, tiny_config
 
-from jaxscaleseg import config_schema, training
+from jaxscaleseg import config_schema, imprint, training
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -24,7 +24,7 @@ def test_imprint_points_seen_rows_at_their_class_mean_and_keeps_lengths(seed):
         if y >= 0:
             sums[y] += p
             counts[y] += 1
-    out = training.imprint_class_embeddings(
+    out = imprint.imprint_class_embeddings(
         {"class_embedding": jnp.asarray(table), "other": jnp.ones(3)},
         jnp.asarray(sums, jnp.float32),
         jnp.asarray(counts),
@@ -44,7 +44,7 @@ def test_imprint_points_seen_rows_at_their_class_mean_and_keeps_lengths(seed):
 def test_class_embedding_sums_match_a_numpy_segment_sum():
     config = tiny_config()
     state, batch = _state_and_batch(config, key=3)
-    sums, counts = jax.jit(training.class_embedding_sums, static_argnames="num_classes")(
+    sums, counts = jax.jit(imprint.class_embedding_sums, static_argnames="num_classes")(
         state, batch, num_classes=config.dataset.num_classes
     )
     outputs, _ = state.apply_fn(

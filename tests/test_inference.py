@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxscaleseg import evaluate, inference, metrics
+from jaxscaleseg import evaluation, inference, metrics
 from jaxscaleseg.models import build_model, l2_normalize
 
 C, D = 7, 4
@@ -273,7 +273,7 @@ def test_every_pixel_of_odd_sized_images_counts_once():
     source = _odd_source()
     labelled = sum(int((r["label"] >= 0).sum()) for r in source)
     fake = FakePredictor(pixel_model("logits"))
-    counts, images = evaluate.evaluate_source(fake, source, batch_size=2)
+    counts, images = evaluation.evaluate_source(fake, source, batch_size=2)
     assert images == len(source)
     assert int(counts.labelled.sum()) == labelled
     assert int(counts.predicted.sum()) == labelled
@@ -291,17 +291,17 @@ def test_sliding_window_evaluation_equals_whole_image_evaluation():
     slide = FakePredictor(
         pixel_model("embedding"), inference.InferenceSettings(mode="slide", crop_size=(6, 7))
     )
-    a, _ = evaluate.evaluate_source(whole, source, batch_size=3)
-    b, _ = evaluate.evaluate_source(slide, source, batch_size=3)
+    a, _ = evaluation.evaluate_source(whole, source, batch_size=3)
+    b, _ = evaluation.evaluate_source(slide, source, batch_size=3)
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
 
 
 def test_results_table_agrees_with_metrics_and_is_written(tmp_path):
     source = _odd_source()
-    counts, _ = evaluate.evaluate_source(FakePredictor(pixel_model("logits")), source)
+    counts, _ = evaluation.evaluate_source(FakePredictor(pixel_model("logits")), source)
     names = [f"name{i}" for i in range(C)]
-    result = evaluate.results(counts, names, split="validation", checkpoint="best")
+    result = evaluation.results(counts, names, split="validation", checkpoint="best")
     summary = metrics.summarize(counts)
     for key in ("aAcc", "mIoU", "mAcc", "fwIoU"):
         assert result[key] == pytest.approx(summary[key])
@@ -313,13 +313,13 @@ def test_results_table_agrees_with_metrics_and_is_written(tmp_path):
     present = np.flatnonzero(~np.isnan(summary["per_class_iou"]))
     assert sorted(r["class_id"] for r in result["per_class"]) == present.tolist()
 
-    stem = evaluate.result_stem("validation", "best", inference.InferenceSettings(flip=True))
+    stem = evaluation.result_stem("validation", "best", inference.InferenceSettings(flip=True))
     assert stem == "eval_validation_best_flip"
-    json_path, csv_path = evaluate.write_results(result, tmp_path, stem)
+    json_path, csv_path = evaluation.write_results(result, tmp_path, stem)
     assert json.loads(json_path.read_text())["mIoU"] == pytest.approx(summary["mIoU"])
     rows = list(csv.DictReader(csv_path.open()))
     assert [int(r["class_id"]) for r in rows] == [r["class_id"] for r in result["per_class"]]
-    text = evaluate.format_results(result, max_classes=2)
+    text = evaluation.format_results(result, max_classes=2)
     assert "mIoU" in text and result["per_class"][0]["name"] in text and "more classes" in text
 
 

@@ -13,7 +13,20 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from jaxscaleseg import config_schema, evaluate, inference, predict, training, visualize
+from jaxscaleseg import (
+    cli,
+    config_schema,
+    evaluation,
+    inference,
+    predict,
+    prediction,
+    steps,
+    visualize,
+)
+from jaxscaleseg import workdir as workdir_lib
+from jaxscaleseg.data import sources
+from jaxscaleseg.errors import CheckpointNotFoundError, ModelMismatchError
+from jaxscaleseg.models import build_model
 
 REPO = Path(__file__).resolve().parent.parent
 NUM_CLASSES = 30
@@ -61,8 +74,8 @@ def workdir(tmp_path_factory):
     model.json, config file (the state tree: step, params, batch_stats, opt_state)."""
     root = tmp_path_factory.mktemp("run")
     config = _config()
-    spec = inference.model_spec(config)
-    model = training.make_model(config)
+    spec = steps.model_args(config)
+    model = build_model(**spec)
     variables = _random_variables(model)
     state = {
         "step": np.int32(3),
@@ -101,7 +114,7 @@ def inputs(tmp_path_factory):
 
 
 def _run(args, capsys):
-    status = predict.main(["predict", *map(str, args)])
+    status = cli.call(predict.main, ["predict", *map(str, args)])
     out, err = capsys.readouterr()
     return status, out, err
 
@@ -137,7 +150,7 @@ def test_predict_writes_four_pictures_per_image_and_names_the_unreadable_one(
 
 
 def _palette():
-    return inference.dataset_class_info(_config())[1]
+    return sources.class_info(_config())[1]
 
 
 def test_missing_checkpoint_is_one_line_naming_the_workdir(tmp_path, inputs, capsys):
@@ -149,8 +162,8 @@ def test_missing_checkpoint_is_one_line_naming_the_workdir(tmp_path, inputs, cap
     )
     assert status == 1
     assert err.count("\n") == 1 and str(empty) in err and "best" in err
-    with pytest.raises(inference.CheckpointNotFoundError, match="step 9"):
-        inference.find_checkpoint(empty, 9)
+    with pytest.raises(CheckpointNotFoundError, match="step 9"):
+        workdir_lib.find_checkpoint(empty, 9)
 
 
 def test_predictor_from_workdir_and_evaluate_run(workdir, capsys):
@@ -158,7 +171,7 @@ def test_predictor_from_workdir_and_evaluate_run(workdir, capsys):
     predictor = inference.Predictor.from_workdir(config, workdir, "latest")
     assert predictor.step == 3 and predictor.num_classes == NUM_CLASSES
     assert predictor.class_names[0] == "class_00000"
-    result = evaluate.run(config, workdir, checkpoint="latest", print_classes=4)
+    result = evaluation.run(config, workdir, checkpoint="latest", print_classes=4)
     assert result["images"] == 3 and result["labelled_pixels"] > 0
     assert (workdir / "eval_validation_latest.json").exists()
     assert (workdir / "eval_validation_latest.csv").exists()
@@ -166,7 +179,7 @@ def test_predictor_from_workdir_and_evaluate_run(workdir, capsys):
 
     other = _config()
     other.dataset.num_classes = 31
-    with pytest.raises(inference.ModelMismatchError, match="num_classes"):
+    with pytest.raises(ModelMismatchError, match="num_classes"):
         inference.Predictor.from_workdir(other, workdir)
 
 
@@ -177,7 +190,7 @@ def test_read_image_converts_alpha_grey_palette_and_16_bit(tmp_path):
     rgba[0, 1, 3] = 0  # transparent -> black
     rgba[0, 2, 3] = 128
     Image.fromarray(rgba).save(tmp_path / "a.png")
-    out = predict.read_image(tmp_path / "a.png")
+    out = prediction.read_image(tmp_path / "a.png")
     assert out.shape == (2, 3, 3) and out.dtype == np.uint8
     assert tuple(out[0, 0]) == (200, 200, 200) and tuple(out[0, 1]) == (0, 0, 0)
     assert 95 <= out[0, 2, 0] <= 105
@@ -185,20 +198,20 @@ def test_read_image_converts_alpha_grey_palette_and_16_bit(tmp_path):
     grey = np.arange(12, dtype=np.uint8).reshape(3, 4)
     Image.fromarray(grey).save(tmp_path / "g.png")
     np.testing.assert_array_equal(
-        predict.read_image(tmp_path / "g.png"), np.repeat(grey[..., None], 3, axis=-1)
+        prediction.read_image(tmp_path / "g.png"), np.repeat(grey[..., None], 3, axis=-1)
     )
 
     deep = (np.arange(12, dtype=np.uint16) * 5000).reshape(3, 4)
     Image.fromarray(deep).save(tmp_path / "d.png")
-    image = predict.read_image(tmp_path / "d.png")
+    image = prediction.read_image(tmp_path / "d.png")
     assert image.shape == (3, 4, 3) and image.max() == 255
 
     palette_image = Image.fromarray(grey).convert("P")
     palette_image.save(tmp_path / "p.png")
-    assert predict.read_image(tmp_path / "p.png").shape == (3, 4, 3)
+    assert prediction.read_image(tmp_path / "p.png").shape == (3, 4, 3)
 
     with pytest.raises(OSError):
-        predict.read_image(tmp_path / "missing.png")
+        prediction.read_image(tmp_path / "missing.png")
 
 
 def test_label_png_is_16_bit_beyond_256_classes(tmp_path):

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxscaleseg import config_schema, optim, training
+from jaxscaleseg import config_schema, errors, optim, steps, training, workdir
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -38,12 +38,8 @@ def tiny_config(**overrides):
     c.batch_size = 4
     c.loss.num_neighbors = 5
     c.optim.base_lr = 0.05
-    for key, value in overrides.items():
-        target = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
+    c.lock()  # a misspelt override is refused
+    c.update_from_flattened_dict(overrides)
     return c
 
 
@@ -95,7 +91,7 @@ def test_optimizer_groups_and_poly_schedules():
 
 def _state_and_batch(config, key=0):
     shape = (config.batch_size, *config.dataset.crop_size, 3)
-    init = functools.partial(training.create_train_state, config, image_shape=shape)
+    init = functools.partial(steps.create_train_state, config, image_shape=shape)
     state = jax.jit(init)(jax.random.key(key))
     rng = np.random.default_rng(key)
     batch = {
@@ -112,15 +108,15 @@ def test_train_step_updates_params_and_batch_stats(loss):
     config = tiny_config(**{"loss.name": loss})
     state, batch = _state_and_batch(config)
     before = jax.tree.map(np.asarray, (state.params, state.batch_stats))
-    spec = training.LossSpec.from_config(config.loss)
-    step = jax.jit(training.train_step, static_argnames="spec", donate_argnums=0)
+    spec = steps.LossSpec.from_config(config.loss)
+    step = jax.jit(steps.train_step, static_argnames="spec", donate_argnums=0)
     state, out = step(state, batch, jax.random.key(1), spec=spec)
     assert int(state.step) == 1
     assert all(math.isfinite(float(v)) for v in out.values())
     assert float(out["grad_norm"]) > 0
     changed = jax.tree.map(lambda a, b: not np.allclose(a, b), before[1], state.batch_stats)
     assert any(jax.tree.leaves(changed))
-    counts = jax.jit(training.eval_step, static_argnames="num_classes")(
+    counts = jax.jit(steps.eval_step, static_argnames="num_classes")(
         state,
         {**batch, "valid": jnp.ones(batch["label"].shape, bool)},
         num_classes=config.dataset.num_classes,
@@ -147,27 +143,27 @@ def test_train_and_evaluate_writes_logs_checkpoints_and_refuses_other_models(tmp
     config = tiny_config(num_train_steps=3, eval_every_steps=2, checkpoint_every_steps=2)
     result = training.train_and_evaluate(config, tmp_path)
     assert result["step"] == 3
-    records = training.read_metrics(tmp_path)
+    records = workdir.read_metrics(tmp_path)
     assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3]
     assert [r["step"] for r in records if "eval_mIoU" in r] == [2, 3]
     assert {"train_grad_norm", "train_param_norm", "lr_backbone"} <= set(records[0])
     assert list((tmp_path / "tensorboard").iterdir())
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [2, 3]
     assert len(list((tmp_path / "best").iterdir())) == 1
-    saved = training.load_checkpoint(tmp_path)
+    saved = workdir.load_checkpoint(tmp_path)
     assert int(saved["step"]) == 3
 
     config = tiny_config(**{"dataset.num_classes": 31})
-    with pytest.raises(training.CheckpointMismatchError, match="num_classes"):
+    with pytest.raises(errors.ModelMismatchError, match="num_classes"):
         training.train_and_evaluate(config, tmp_path)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     config = tiny_config(num_train_steps=20, **{"optim.base_lr": 1e30})
-    with pytest.raises(training.NonFiniteLossError, match="non-finite loss at step") as info:
+    with pytest.raises(errors.NonFiniteLossError, match="non-finite loss at step") as info:
         training.train_and_evaluate(config, tmp_path)
     failed = int(str(info.value).split("step ")[1].split(" ")[0])
-    saved = training.load_checkpoint(tmp_path)
+    saved = workdir.load_checkpoint(tmp_path)
     assert int(saved["step"]) == failed - 1
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved["params"]))
 
@@ -183,13 +179,13 @@ def test_ess_step_memory_grows_only_by_the_class_table():
         config.model.pretrained = ""
         config.batch_size = 2
         shape = (2, 256, 256, 3)
-        state = training.abstract_train_state(config, shape)
+        state = steps.abstract_train_state(config, shape)
         batch = {
             "image": jax.ShapeDtypeStruct(shape, jnp.float32),
             "label": jax.ShapeDtypeStruct(shape[:3], jnp.int32),
         }
-        spec = training.LossSpec.from_config(config.loss)
-        step = jax.jit(functools.partial(training.train_step, spec=spec), donate_argnums=0)
+        spec = steps.LossSpec.from_config(config.loss)
+        step = jax.jit(functools.partial(steps.train_step, spec=spec), donate_argnums=0)
         m = step.lower(state, batch, jax.random.key(0)).compile().memory_analysis()
         total = (
             m.argument_size_in_bytes
@@ -237,15 +233,15 @@ def _write_config(path: Path, **overrides) -> Path:
     return path
 
 
-def _train_losses(workdir: Path) -> dict[int, float]:
-    return {r["step"]: r["train_loss"] for r in training.read_metrics(workdir) if "train_loss" in r}
+def _train_losses(path: Path) -> dict[int, float]:
+    return {r["step"]: r["train_loss"] for r in workdir.read_metrics(path) if "train_loss" in r}
 
 
 @pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
-    steps = 12
+    num_steps = 12
     config = _write_config(
-        tmp_path / "cfg.py", num_train_steps=steps, checkpoint_every_steps=1, eval_every_steps=0
+        tmp_path / "cfg.py", num_train_steps=num_steps, checkpoint_every_steps=1, eval_every_steps=0
     )
     # The three runs compile the same programs: they share them through the run's persistent
     # compilation cache (tests/conftest.py sets it in the environment they inherit).
@@ -272,19 +268,19 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
     kept = max(int(p.name) for p in ckpt.glob("*") if p.name.isdigit())
-    assert kept < steps, "the run finished before it could be killed"
+    assert kept < num_steps, "the run finished before it could be killed"
 
     proc = _cli(["--config", str(config), "--workdir", str(killed)], env=cache)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert f"resuming from step {kept}" in out
 
-    a, b = training.load_checkpoint(straight), training.load_checkpoint(killed)
-    assert int(a["step"]) == int(b["step"]) == steps
+    a, b = workdir.load_checkpoint(straight), workdir.load_checkpoint(killed)
+    assert int(a["step"]) == int(b["step"]) == num_steps
     for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"]), strict=True):
         np.testing.assert_allclose(x, y, atol=1e-6, rtol=0)
     la, lb = _train_losses(straight), _train_losses(killed)
-    assert sorted(la) == sorted(lb) == list(range(1, steps + 1))
+    assert sorted(la) == sorted(lb) == list(range(1, num_steps + 1))
     np.testing.assert_allclose([lb[s] for s in la], list(la.values()), atol=1e-6, rtol=0)
 
 
@@ -293,11 +289,11 @@ import json, sys
 import jax
 sys.path.insert(0, {tests!r})
 from test_training import tiny_config
-from jaxscaleseg import training
+from jaxscaleseg import training, workdir
 assert jax.device_count() == {devices}, jax.devices()
 config = tiny_config(num_train_steps=4, eval_every_steps=0, **{{"dataset.eval_batch_size": 4}})
 result = training.train_and_evaluate(config, {workdir!r})
-losses = [r["train_loss"] for r in training.read_metrics({workdir!r}) if "train_loss" in r]
+losses = [r["train_loss"] for r in workdir.read_metrics({workdir!r}) if "train_loss" in r]
 print("RESULT", json.dumps({{"losses": losses, "eval": result["eval"]}}))
 """
 

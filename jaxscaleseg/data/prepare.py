@@ -3,25 +3,35 @@
 Usage::
 
     python -m jaxscaleseg.data.prepare ade20k --manual_dir ~/archives --data_dir ~/tfds
-    python -m jaxscaleseg.data.prepare coco_stuff --config stuff10k_182 \\
+    python -m jaxscaleseg.data.prepare coco_stuff --builder_config stuff10k_182 \\
         --manual_dir ~/archives --data_dir ~/tfds
 
-Names: ade20k, cityscapes, pascal_voc (configs voc2012, voc2012_aug), coco_stuff (configs
-stuff164k, stuff10k_171, stuff10k_182), coco_lvis; the TFDS names (``seg_ade20k``...) work
+Names: ade20k, cityscapes, pascal_voc (builder configs voc2012, voc2012_aug), coco_stuff
+(stuff164k, stuff10k_171, stuff10k_182), coco_lvis; the TFDS names (``seg_ade20k``...) work
 too. The archives stay as downloaded (nothing is extracted). Missing or unreadable archives and
 too many corrupt images end with a one-line error and exit status 1.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-from collections.abc import Sequence
-
 import tensorflow_datasets as tfds
+from absl import flags
 
+from jaxscaleseg import cli
 from jaxscaleseg.data import builders
 from jaxscaleseg.data.builders import common
+from jaxscaleseg.errors import UserError
+
+_BUILDER_CONFIG = flags.DEFINE_string(
+    "builder_config", None, "Builder config name, for the datasets that have several."
+)
+_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Directory holding the archives.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory to write.")
+_MAX_CORRUPT = flags.DEFINE_float(
+    "max_corrupt_fraction",
+    common.DEFAULT_MAX_CORRUPT_FRACTION,
+    "Largest share of a split's examples that may be skipped as corrupt.",
+)
 
 
 def prepare(
@@ -67,40 +77,23 @@ def prepare(
     return builder
 
 
-def _parse(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m jaxscaleseg.data.prepare", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("name", help=f"one of {', '.join(builders.BUILDERS)}")
-    parser.add_argument("--config", default=None, help="builder config name")
-    parser.add_argument("--manual_dir", required=True, help="directory with the archives")
-    parser.add_argument("--data_dir", required=True, help="TFDS data directory to write")
-    parser.add_argument(
-        "--max_corrupt_fraction",
-        type=float,
-        default=common.DEFAULT_MAX_CORRUPT_FRACTION,
-        help="largest share of a split's examples that may be skipped as corrupt",
-    )
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the CLI; returns the exit status."""
-    args = _parse(sys.argv[1:] if argv is None else argv)
+def main(argv: list[str]) -> int:
+    """Prepares the dataset named in ``argv`` with the parsed flags; returns the status."""
+    cli.check_flags(used=())
+    if len(argv) != 2:
+        raise UserError(f"name one dataset: {', '.join(builders.BUILDERS)} (see --help)")
+    if _MANUAL_DIR.value is None or _DATA_DIR.value is None:
+        raise UserError("--manual_dir and --data_dir required (see --help)")
     try:
         builder = prepare(
-            args.name,
-            manual_dir=args.manual_dir,
-            data_dir=args.data_dir,
-            config=args.config,
-            max_corrupt_fraction=args.max_corrupt_fraction,
+            argv[1],
+            manual_dir=_MANUAL_DIR.value,
+            data_dir=_DATA_DIR.value,
+            config=_BUILDER_CONFIG.value,
+            max_corrupt_fraction=_MAX_CORRUPT.value,
         )
-    except (
-        FileNotFoundError,
-        ValueError,  # unknown name/config, CorruptArchiveError, CorruptDataError
-    ) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (FileNotFoundError, ValueError) as e:  # unknown name/config, corrupt archives
+        raise UserError(str(e)) from e
     info = builder.info
     print(f"{info.full_name} prepared in {builder.data_dir}")
     for split, split_info in sorted(info.splits.items()):
@@ -110,4 +103,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

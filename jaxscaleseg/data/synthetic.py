@@ -428,30 +428,3 @@ class SyntheticSegmentation:
         else:
             label = np.where(void, IGNORE_INDEX, cls).astype(np.int32)
         return {"image": image, "label": label, "file_name": f"synthetic/{self.split}/{index:08d}"}
-
-
-def synthetic_splits(
-    num_classes: int,
-    image_size: tuple[int, int] = (128, 128),
-    split_sizes: dict[str, int] | None = None,
-    seed: int = 0,
-    **options,
-) -> dict[str, SyntheticSegmentation]:
-    """One ``SyntheticSegmentation`` per split, all sharing classes and seed.
-
-    Args:
-      num_classes: C.
-      image_size: (H, W).
-      split_sizes: examples per split; defaults to ``{"train": 2000, "validation": 200}``.
-      seed: data seed.
-      **options: keyword options of ``SyntheticSegmentation`` (``zipf_exponent``,
-        ``family_size``, ...), the same for every split.
-
-    Returns:
-      ``{split_name: source}``.
-    """
-    split_sizes = split_sizes or {"train": 2000, "validation": 200}
-    return {
-        name: SyntheticSegmentation(num_classes, image_size, size, seed, split=name, **options)
-        for name, size in split_sizes.items()
-    }

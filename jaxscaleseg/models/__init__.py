@@ -74,7 +74,7 @@ def build_backbone(
 
 
 def build_model(
-    name: str,
+    backbone: str,
     *,
     head: str,
     num_classes: int,
@@ -85,12 +85,16 @@ def build_model(
     bn_momentum: float = 0.99,
     center_embedding: bool = False,
     decoder_bn_momentum: float | None = None,
+    tiny_width: int = 8,
 ) -> nn.Module:
     """Builds DeepLabV3+ with the named backbone and head.
 
+    A workdir's ``model.json`` holds these arguments (``dtype`` as its name), so a trained
+    model is rebuilt with ``build_model(**json.load(...))``.
+
     Args:
-      name: ``"resnet50"``, ``"resnet101"``, ``"mobilenet_v2"`` or ``"tiny"`` (a few-thousand
-        parameter variant with 16/8/16-channel decoder, for tests and smoke runs).
+      backbone: ``"resnet50"``, ``"resnet101"``, ``"mobilenet_v2"`` or ``"tiny"`` (a
+        few-thousand parameter net for tests and smoke runs).
       head: ``"softmax"`` (logits ``[B, H, W, C]``) or ``"embedding"`` (pixel embeddings
         ``[B, H, W, D]`` and the class table ``[C, D]``).
       num_classes: C.
@@ -106,6 +110,8 @@ def build_model(
       decoder_bn_momentum: the decay of the ASPP, decoder and embedding-centring BatchNorms;
         None: ``bn_momentum``. (The original code sets PyTorch momentum 0.01, flax 0.99, on
         its backbone only; its decoder keeps PyTorch's 0.1, flax 0.9.)
+      tiny_width: ``tiny`` only: backbone widths w/2w/4w, ASPP 2w, low-level w, decoder 2w
+        (8 gives the 16/8/16-channel decoder).
 
     Returns:
       An unbound :class:`DeepLabV3Plus`.
@@ -118,12 +124,21 @@ def build_model(
         raise ValueError(
             f"need num_classes >= 1 and embedding_dim >= 1, got {num_classes}, {embedding_dim}"
         )
-    backbone = build_backbone(
-        name, output_stride=output_stride, dtype=dtype, bn_momentum=bn_momentum
-    )
-    widths = (16, 8, 16) if name == "tiny" else (256, 48, 256)
+    dtype = jnp.dtype(dtype)
+    if backbone == "tiny":
+        if tiny_width < 1:
+            raise ValueError(f"tiny_width must be >= 1, got {tiny_width}")
+        net = TinyBackbone(
+            output_stride=output_stride, width=tiny_width, bn_momentum=bn_momentum, dtype=dtype
+        )
+        widths = (2 * tiny_width, tiny_width, 2 * tiny_width)
+    else:
+        net = build_backbone(
+            backbone, output_stride=output_stride, dtype=dtype, bn_momentum=bn_momentum
+        )
+        widths = (256, 48, 256)
     return DeepLabV3Plus(
-        backbone=backbone,
+        backbone=net,
         head=head,
         num_classes=num_classes,
         embedding_dim=embedding_dim,

@@ -1,0 +1,321 @@
+"""The jitted pieces of training: the state, the loss, ``train_step`` and ``eval_step``.
+
+One step (see ``DESIGN.md``): a batch sharded over the ``data`` axis of a mesh of every device
+(all hosts), the replicated :class:`TrainState` donated to ``jax.jit(train_step)``; BatchNorm
+statistics are computed over the global batch (the compiler inserts the reductions), as in the
+paper's synchronised multi-GPU runs. The embedding path keeps per-pixel outputs at D; nothing of
+size pixels×C exists there.
+
+This module imports only JAX, flax, optax and the numerical modules (no input pipeline, no
+TFDS, no TensorBoard), so benchmarks can build and time a step on a machine that has only those;
+the loop that drives it is :mod:`jaxscaleseg.training`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training import train_state
+from jax.sharding import NamedSharding
+
+from jaxscaleseg import knn, losses, metrics, optim
+from jaxscaleseg.errors import ConfigError
+from jaxscaleseg.models import build_model
+
+DATA_AXIS = "data"
+
+
+class TrainState(train_state.TrainState):
+    """``flax`` train state plus the BatchNorm statistics."""
+
+    batch_stats: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """The loss settings a step is compiled for (hashable: a static ``jit`` argument).
+
+    Attributes:
+      name: ``"softmax"`` or ``"ess"``.
+      num_neighbors: k, ESS negatives per pixel.
+      temperature: T, logits are ``-T * distance``.
+      margin: separation margin.
+      separation_weight: weight of ``separation_loss``.
+      max_block_bytes: memory budget of the nearest-class searches (the largest
+        queries×classes block held at once), or ``"auto"`` (``losses.loss_plan``).
+      pixels_per_chunk: pixels per chunk of the ESS loss, or ``"auto"``.
+      table_gradient: how row gradients reach the class table (``losses.ess_objective``).
+    """
+
+    name: str = "ess"
+    num_neighbors: int = 7
+    temperature: float = 20.0
+    margin: float = 0.2
+    separation_weight: float = 1.0
+    max_block_bytes: int | str = "auto"
+    pixels_per_chunk: int | str = "auto"
+    table_gradient: str = "auto"
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> LossSpec:
+        """Reads the ``loss`` section of a config."""
+        return cls(
+            name=config.name,
+            num_neighbors=int(config.num_neighbors),
+            temperature=float(config.temperature),
+            margin=float(config.margin),
+            separation_weight=float(config.separation_weight),
+            max_block_bytes=config.max_block_bytes,
+            pixels_per_chunk=config.pixels_per_chunk,
+            table_gradient=config.table_gradient,
+        )
+
+
+def compute_loss(
+    outputs: Mapping[str, jax.Array],
+    labels: jax.Array,
+    spec: LossSpec,
+    class_table: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The configured loss of one batch.
+
+    Args:
+      outputs: the model's outputs: ``{"logits": [B, H, W, C]}`` or ``{"pixel_embedding":
+        [B, H, W, D], "class_embedding": [C, D]}``.
+      labels: int32 ``[B, H, W]``, -1 ignored.
+      spec: which loss and its settings.
+      class_table: optional float32 ``[C, D]``, the model's raw (unnormalised) class table;
+        when given, the ESS terms read it and normalise the rows they use, in place of
+        ``outputs["class_embedding"]`` (the same values and gradients, without a normalised
+        copy of the table or of its gradient: the training step passes it).
+
+    Returns:
+      ``(total, parts)``: float32 scalar and a dict of its named scalar terms.
+    """
+    if spec.name == "softmax":
+        ce = losses.softmax_cross_entropy(outputs["logits"], labels)
+        return ce, {"cross_entropy": ce}
+    return losses.ess_objective(
+        outputs["pixel_embedding"],
+        labels,
+        outputs["class_embedding"] if class_table is None else class_table,
+        num_neighbors=spec.num_neighbors,
+        temperature=spec.temperature,
+        margin=spec.margin,
+        separation_weight=spec.separation_weight,
+        normalize_classes=class_table is not None,
+        max_block_bytes=spec.max_block_bytes,
+        pixels_per_chunk=spec.pixels_per_chunk,
+        table_gradient=spec.table_gradient,
+    )
+
+
+def train_step(
+    state: TrainState, batch: Mapping[str, jax.Array], base_rng: jax.Array, spec: LossSpec
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimisation step.
+
+    Args:
+      state: the train state (donated by the jitted caller).
+      batch: ``{"image": float32 [B, H, W, 3], "label": int32 [B, H, W]}``, sharded over the
+        batch axis.
+      base_rng: the run's base key; the step's dropout key is ``fold_in(base_rng, step)``.
+      spec: the loss (static).
+
+    Returns:
+      ``(new_state, metrics)`` with scalar ``loss``, its parts, ``grad_norm``, ``param_norm``
+      and ``update_norm``.
+    """
+    rng = jax.random.fold_in(base_rng, state.step)
+
+    def loss_fn(params):
+        outputs, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            batch["image"],
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": rng},
+        )
+        loss, parts = compute_loss(
+            outputs, batch["label"], spec, class_table=params.get("class_embedding")
+        )
+        return loss, (parts, updates["batch_stats"])
+
+    (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats
+    )
+    out = {
+        "loss": loss,
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
+        "update_norm": optax.tree.norm(updates),
+        **parts,
+    }
+    return new_state, out
+
+
+def predict(state: TrainState, images: jax.Array) -> jax.Array:
+    """Predicted class ids ``int32 [B, H, W]`` for normalised ``images [B, H, W, 3]``."""
+    outputs = state.apply_fn(
+        {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
+    )
+    if "logits" in outputs:
+        return jnp.argmax(outputs["logits"], axis=-1).astype(jnp.int32)
+    return knn.assign(outputs["pixel_embedding"], outputs["class_embedding"])
+
+
+def eval_step(
+    state: TrainState, batch: Mapping[str, jax.Array], num_classes: int
+) -> metrics.ClassCounts:
+    """Per-class counts of one evaluation batch.
+
+    Args:
+      state: the train state.
+      batch: ``{"image": [B, H, W, 3], "label": int32 [B, H, W], "valid": bool [B, H, W]}``.
+      num_classes: C (static).
+
+    Returns:
+      ``ClassCounts`` of int32 ``[C]`` (summed over the whole, possibly sharded, batch).
+    """
+    pred = predict(state, batch["image"])
+    return metrics.batch_counts(pred, batch["label"], num_classes, valid=batch["valid"])
+
+
+def make_mesh() -> jax.sharding.Mesh:
+    """A one-axis (``data``) mesh over every device of every host, with automatic axis types.
+
+    Automatic (not explicit) axis types let the chunked nearest-class search ``lax.map`` over
+    a sharded pixel axis.
+    """
+    return jax.make_mesh(
+        (jax.device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,)
+    )
+
+
+def to_global(batch: Mapping[str, Any], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """A host's share of a batch as global arrays sharded by ``sharding``."""
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+    }
+
+
+def model_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The keyword arguments of ``models.build_model`` that a config describes.
+
+    This dict is what a workdir's ``model.json`` stores: ``build_model(**model_args(config))``
+    builds the model, and the same call on the stored dict rebuilds it.
+
+    Returns:
+      JSON-ready ``{"backbone", "head", "num_classes", "embedding_dim", "output_stride",
+      "separable", "tiny_width", "center_embedding", "bn_momentum", "decoder_bn_momentum",
+      "dtype"}``.
+    """
+    m = config.model
+    return {
+        "backbone": m.backbone,
+        "head": "softmax" if config.loss.name == "softmax" else "embedding",
+        "num_classes": int(config.dataset.num_classes),
+        "embedding_dim": int(m.embedding_dim),
+        "output_stride": int(m.output_stride),
+        "separable": bool(m.separable),
+        "tiny_width": int(m.tiny_width),
+        "center_embedding": bool(m.center_embedding),
+        "bn_momentum": float(m.bn_momentum),
+        "decoder_bn_momentum": float(m.decoder_bn_momentum),
+        "dtype": str(m.dtype),
+    }
+
+
+def make_model(config: ml_collections.ConfigDict):
+    """The DeepLabV3+ model a config describes (``build_model(**model_args(config))``)."""
+    return build_model(**model_args(config))
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict,
+    rng: jax.Array,
+    image_shape: tuple[int, ...],
+    backbone: Any = None,
+) -> TrainState:
+    """Initialises the model, with imported backbone weights when given (jit-able).
+
+    Args:
+      config: a training config.
+      rng: init key.
+      image_shape: ``(B, H, W, 3)`` of an input batch.
+      backbone: ``{"params": ..., "batch_stats": ...}`` replacing the model's ``backbone``
+        subtrees (see :func:`pretrained_backbone`), or None to keep the random init.
+
+    Returns:
+      A fresh ``TrainState`` at step 0.
+    """
+    model = make_model(config)
+    variables = model.init({"params": rng}, jnp.zeros(image_shape, jnp.float32), train=False)
+    if backbone is not None:
+        # Imported here: the weight readers need safetensors, which a step alone does not.
+        from jaxscaleseg.models import pretrained  # noqa: PLC0415 (only when configured)
+
+        variables = pretrained.merge_backbone(variables, backbone)
+    tx = optim.make_optimizer(config.optim, config.num_train_steps)
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=tx,
+        batch_stats=variables.get("batch_stats", {}),
+    )
+
+
+def pretrained_backbone(config: ml_collections.ConfigDict, *, fetch_only: bool = False):
+    """The backbone variables ``model.pretrained`` names, or a one-line ``ConfigError``.
+
+    The value is a ``torchvision:`` name (the official checkpoint, downloaded into the cache
+    once, hash-checked and converted) or the path of converted ``.npz`` variables; see
+    :mod:`jaxscaleseg.models.weights_cache`. With ``fetch_only`` the weights are only made
+    available (downloaded, checked) and None is returned: training does this before any other
+    work so that a missing file fails at once.
+    """
+    from jaxscaleseg.models import weights_cache  # noqa: PLC0415 (only when configured)
+
+    value, arch = config.model.pretrained, config.model.backbone
+    try:
+        if fetch_only:
+            weights_cache.prefetch(value, arch=arch)
+            return None
+        return weights_cache.load_backbone(value, arch=arch)
+    except weights_cache.WeightsError as e:
+        raise ConfigError(f"model.pretrained: {e}") from e
+
+
+def abstract_train_state(
+    config: ml_collections.ConfigDict, image_shape: tuple[int, ...]
+) -> TrainState:
+    """The shapes and dtypes of the train state, without materialising it."""
+    return jax.eval_shape(lambda: create_train_state(config, jax.random.key(0), image_shape))
+
+
+__all__ = [
+    "DATA_AXIS",
+    "LossSpec",
+    "TrainState",
+    "abstract_train_state",
+    "compute_loss",
+    "create_train_state",
+    "eval_step",
+    "make_mesh",
+    "make_model",
+    "predict",
+    "model_args",
+    "pretrained_backbone",
+    "to_global",
+    "train_step",
+]
