@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint demo clean clean-demo
+.PHONY: venv test lint demo clean clean-demo lowest
 
 venv: $(STAMP)
 
@@ -26,8 +26,27 @@ test: lint
 demo: venv
 	$(BIN)/python -m jaxscaleseg.train --config configs/synthetic.py --workdir workdirs/demo
 
+# The dependency floors: installs the lowest versions pyproject.toml allows (uv's lowest-direct
+# resolution) into $(LOWEST) and runs a smoke test over every dependency. Downloads ~1 GB, so it
+# is not part of `make test`; run it after changing a floor.
+LOWEST := .venv-lowest
+LOWEST_TESTS := tests/test_house.py \
+	tests/test_training.py::test_train_step_updates_params_and_batch_stats \
+	tests/test_training.py::test_non_finite_loss_stops_and_keeps_last_good_checkpoint \
+	tests/test_pretrained.py::test_reads_npz_and_safetensors \
+	tests/test_predict.py::test_predictor_from_workdir_and_evaluate_run \
+	tests/test_builders.py::test_cli_prepares_and_reports
+
+lowest:
+	test -x $(LOWEST)/bin/python || $(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install --quiet uv
+	$(LOWEST)/bin/uv pip install --quiet --python $(LOWEST)/bin/python --resolution lowest-direct \
+		-e ".[test]"
+	$(LOWEST)/bin/python -m pip list --format=freeze > $(LOWEST)/versions.txt
+	$(LOWEST)/bin/python -m pytest -n 0 -p no:cacheprovider $(LOWEST_TESTS)
+
 clean-demo:
 	rm -rf workdirs/demo
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LOWEST) .pytest_cache .ruff_cache

@@ -222,7 +222,7 @@ def variants(arg: str | None) -> set[str]:
     return names
 
 
-def _pair(value, name: str, allow_empty: bool) -> None:
+def _check_pair(value, name: str, allow_empty: bool) -> None:
     if allow_empty and len(value) == 0:
         return
     if len(value) != 2 or any(int(v) < 1 for v in value):
@@ -253,10 +253,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     d, m, loss, o = config.dataset, config.model, config.loss, config.optim
     if d.num_classes < 2:
         raise ConfigError(f"dataset.num_classes must be >= 2, got {d.num_classes}")
-    _pair(d.crop_size, "dataset.crop_size", allow_empty=False)
-    _pair(d.eval_crop_size, "dataset.eval_crop_size", allow_empty=True)
-    _pair(d.eval_pad_to, "dataset.eval_pad_to", allow_empty=True)
-    _pair(d.warp_size, "dataset.warp_size", allow_empty=True)
+    _check_pair(d.crop_size, "dataset.crop_size", allow_empty=False)
+    _check_pair(d.eval_crop_size, "dataset.eval_crop_size", allow_empty=True)
+    _check_pair(d.eval_pad_to, "dataset.eval_pad_to", allow_empty=True)
+    _check_pair(d.warp_size, "dataset.warp_size", allow_empty=True)
     if d.name != "synthetic":
         message = splits.augmented_split_error(d.name, d.config, d.train_split)
         if message:
@@ -283,7 +283,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "dataset.color_jitter_factors must be empty or three strengths >= 0 "
             f"(brightness, contrast, saturation), got {tuple(d.color_jitter_factors)}"
         )
-    _pair(d.synthetic.image_size, "dataset.synthetic.image_size", allow_empty=False)
+    _check_pair(d.synthetic.image_size, "dataset.synthetic.image_size", allow_empty=False)
     if len(d.scale_range) != 2 or not 0 < d.scale_range[0] <= d.scale_range[1]:
         raise ConfigError(f"dataset.scale_range must be 0 < min <= max, got {d.scale_range}")
     if not d.synthetic.zipf_exponent >= 0:

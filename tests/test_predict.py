@@ -78,7 +78,7 @@ def workdir(tmp_path_factory):
     model = build_model(**spec)
     variables = _random_variables(model)
     state = {
-        "step": np.int32(3),
+        "step": np.asarray(3, np.int32),  # a 0-d array: older orbax refuses numpy scalars
         "params": variables["params"],
         "batch_stats": variables["batch_stats"],
         "opt_state": {"momentum": jax.tree.map(np.zeros_like, variables["params"])},

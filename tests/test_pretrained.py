@@ -244,7 +244,10 @@ def test_reads_npz_and_safetensors(tmp_path, fmt):
     else:
         write_safetensors(path, sd)
     got = P.read_state_dict(path)
-    assert list(got) == list(sd)
+    # npz keeps the file's order; older versions of the safetensors package sort the keys.
+    assert (list(got) if fmt == "npz" else sorted(got)) == (
+        list(sd) if fmt == "npz" else sorted(sd)
+    )
     for key in sd:
         np.testing.assert_array_equal(got[key], sd[key])
         assert got[key].dtype == sd[key].dtype

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import collections
 import io
-import json
 import pickle
 import re
 import struct
@@ -52,6 +51,8 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 ARCHS = ("resnet50", "resnet101", "mobilenet_v2")
 
@@ -78,7 +79,8 @@ def read_state_dict(path: str | Path) -> StateDict:
       path: the file.
 
     Returns:
-      ``{key: array}`` in the file's order, arrays in their stored dtype (float16/bfloat16
+      ``{key: array}`` (in the file's order, except for ``.safetensors``, whose reader may sort
+      them), arrays in their stored dtype (float16/bfloat16
       tensors come back as ``numpy.float16`` / ``ml_dtypes.bfloat16``).
 
     Raises:
@@ -268,36 +270,11 @@ def _read_torch_legacy(source: Path) -> StateDict:
     return _finish(obj, source)
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-
-
 def _read_safetensors(source: Path) -> StateDict:
-    raw = source.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
     try:
-        header = json.loads(raw[8 : 8 + n])
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{source}: not a .pth, .npz or .safetensors file") from e
-    data = memoryview(raw)[8 + n :]
-    out = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-        start, end = info["data_offsets"]
-        out[key] = np.frombuffer(data[start:end], dtype=dtype).reshape(info["shape"]).copy()
-    return out
+        return dict(safetensors.numpy.load_file(source))
+    except (safetensors.SafetensorError, ValueError, TypeError) as e:
+        raise ValueError(f"{source}: not a .pth, .npz or .safetensors file ({e})") from e
 
 
 # --------------------------------------------------------------------------------------------
