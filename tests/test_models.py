@@ -350,8 +350,8 @@ def test_l2_normalize_gradient_and_zero_vectors():
     "kwargs,match",
     [
         (dict(name="resnet18", head="softmax"), "unknown backbone"),
-        (dict(backbone="tiny", head="sigmoid"), "unknown head"),
-        (dict(backbone="tiny", head="softmax", output_stride=32), "output_stride"),
+        (dict(name="tiny", head="sigmoid"), "unknown head"),
+        (dict(name="tiny", head="softmax", output_stride=32), "output_stride"),
     ],
 )
 def test_build_model_rejects_bad_arguments(kwargs, match):
