@@ -40,7 +40,14 @@ HIGH = (
 )
 MAX_FILE_LINES = 600
 MAX_FUNCTION_LINES = 80  # code lines: the docstring is not counted
-# Known exceptions, each with its reason; the list may only shrink.
+# Known exceptions, each with its reason; the lists may only shrink.
+LONG_FILES = {
+    # Grown by the GPU-sized search and loss plans (issue 14) and the original-negatives and
+    # separation-id options (issue 16) while this check was written; to split by concept
+    # (the plan, the searches, the table gradients) once those branches settle.
+    "jaxscaleseg/knn.py",
+    "jaxscaleseg/losses.py",
+}
 LONG_FUNCTIONS = {
     # Being reworked for GPU-sized blocks (issue 14, another branch); split it there.
     ("jaxscaleseg/knn.py", "nearest_class_ids"),
@@ -137,7 +144,7 @@ def test_files_and_functions_stay_small():
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 if _code_lines(node) > MAX_FUNCTION_LINES:
                     long_functions.add((rel, node.name))
-    assert not long_files, long_files
+    assert {f for f, _ in long_files} <= LONG_FILES, long_files
     assert long_functions <= LONG_FUNCTIONS, long_functions - LONG_FUNCTIONS
 
 

@@ -218,7 +218,8 @@ def test_rendered_family_members_look_closer_to_each_other_than_to_other_classes
 
 
 def test_config_options_reach_the_synthetic_sources():
-    from jaxscaleseg import config_schema, training
+    from jaxscaleseg import config_schema
+    from jaxscaleseg.data import sources
 
     config = config_schema.sibling_config("configs/synthetic.py", "synthetic", "smoke")
     assert config.dataset.synthetic.zipf_exponent == 0.0
@@ -226,7 +227,7 @@ def test_config_options_reach_the_synthetic_sources():
     config.dataset.synthetic.zipf_exponent = 1.0
     config.dataset.synthetic.family_size = 4
     config_schema.validate(config)
-    train, evaluation = training.make_sources(config)
+    train, evaluation = sources.make_sources(config)
     for source in (train, evaluation):
         assert source.zipf_exponent == 1.0 and source.family_size == 4
     config.dataset.synthetic.family_size = 9
