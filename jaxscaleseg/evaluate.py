@@ -12,10 +12,13 @@ embedding head (see :mod:`jaxscaleseg.inference`). Defaults come from the config
 ``inference`` section (``mode``, ``crop_size``, ``stride``, ``flip``, ``scales``), flags
 override them.
 
-Prints aAcc, mIoU, mAcc, fwIoU and the per-class IoU table sorted by IoU, and writes
-``eval_<split>_<checkpoint>[_<settings>].json`` and ``.csv`` in the workdir (the work is
-:func:`jaxscaleseg.evaluation.run`). User errors (missing checkpoint, dataset not prepared, bad
-flags) end with one ``error: ...`` line and exit status 1.
+Prints aAcc, mIoU, mAcc, fwIoU, the mIoU over the rare, common and frequent classes (LVIS's
+bins: in 1-10, 11-100 or more training images; LVIS's own labels for COCO+LVIS; a class in no
+training image is rare) and the per-class IoU table sorted by IoU, and writes
+``eval_<split>_<checkpoint>[_<settings>].json`` and ``.csv`` (with each class's bin) in the
+workdir (the work is :func:`jaxscaleseg.evaluation.run`). The bins are computed once per
+workdir and kept in its ``class_frequency.json``. User errors (missing checkpoint, dataset not
+prepared, bad flags) end with one ``error: ...`` line and exit status 1.
 """
 
 from __future__ import annotations

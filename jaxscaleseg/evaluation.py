@@ -5,9 +5,10 @@ Every labelled pixel of every image counts once, at the image's own size (the pa
 evaluation pipeline adds to form batches is cropped away before inference). Inference is
 whole-image or sliding-window, optionally with horizontal-flip and multi-scale test-time
 augmentation, merged in embedding space for the embedding head (see
-:mod:`jaxscaleseg.inference`). :func:`run` prints aAcc, mIoU, mAcc, fwIoU and the per-class IoU
-table sorted by IoU, and writes ``eval_<split>_<checkpoint>[_<settings>].json`` and ``.csv`` in
-the workdir.
+:mod:`jaxscaleseg.inference`). :func:`run` prints aAcc, mIoU, mAcc, fwIoU, the mIoU over the
+rare, common and frequent classes (LVIS's bins, :func:`dataset_class_frequency`) and the
+per-class IoU table sorted by IoU, and writes ``eval_<split>_<checkpoint>[_<settings>].json``
+and ``.csv`` in the workdir.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import ml_collections
 import numpy as np
 
 from jaxscaleseg import inference, metrics
-from jaxscaleseg.data import pipeline, sources
+from jaxscaleseg import workdir as workdir_lib
+from jaxscaleseg.data import frequency, pipeline, sources
 
 # --------------------------------------------------------------------------- library
 
@@ -117,19 +119,31 @@ def _number(x: float) -> float | None:
     return None if not math.isfinite(x) else float(x)
 
 
-def results(counts: metrics.ClassCounts, class_names: Sequence[str], **info: Any) -> dict[str, Any]:
+def results(
+    counts: metrics.ClassCounts,
+    class_names: Sequence[str],
+    *,
+    class_frequency: dict[str, Any] | None = None,
+    **info: Any,
+) -> dict[str, Any]:
     """The summary and the per-class table of accumulated counts.
 
     Args:
       counts: accumulated ``ClassCounts``.
       class_names: C names.
+      class_frequency: optional :func:`jaxscaleseg.data.frequency.class_frequency` result
+        (``bins`` and ``train_images`` per class, ``source``): adds the rare/common/frequent
+        mIoU and each class's bin.
       **info: extra entries stored as they are (split, checkpoint, step, ...).
 
     Returns:
       ``{**info, "aAcc", "mIoU", "mAcc", "fwIoU" (from ``metrics.summarize``; None when
       undefined), "labelled_pixels", "per_class": [...]}``; ``per_class`` holds one entry per
       class present in the labels or the predictions, ``{"class_id", "name", "iou", "acc",
-      "labelled", "predicted", "true_positive"}``, sorted by decreasing IoU (then id).
+      "labelled", "predicted", "true_positive"}``, sorted by decreasing IoU (then id). With
+      ``class_frequency``, also ``mIoU_rare``/``mIoU_common``/``mIoU_frequent`` (None for a
+      bin with no class present), ``classes_rare``/... (how many classes each is over),
+      ``frequency_source``, and ``bin`` and ``train_images`` in every ``per_class`` entry.
     """
     summary = metrics.summarize(counts)
     tp, predicted, labelled = (np.asarray(c, np.int64) for c in counts)
@@ -148,9 +162,21 @@ def results(counts: metrics.ClassCounts, class_names: Sequence[str], **info: Any
         }
         for c in order
     ]
+    binned = {}
+    if class_frequency is not None:
+        bins = np.asarray(class_frequency["bins"])
+        for row in table:
+            row["bin"] = str(bins[row["class_id"]])
+            row["train_images"] = class_frequency["train_images"][row["class_id"]]
+        binned = {
+            k: _number(v) if k.startswith("mIoU") else v
+            for k, v in metrics.binned_miou(iou, bins).items()
+        }
+        binned["frequency_source"] = class_frequency["source"]
     return {
         **info,
         **{k: _number(summary[k]) for k in ("aAcc", "mIoU", "mAcc", "fwIoU")},
+        **binned,
         "labelled_pixels": int(labelled.sum()),
         "per_class": table,
     }
@@ -178,6 +204,8 @@ def write_results(result: dict[str, Any], directory: str | os.PathLike, stem: st
     json_path, csv_path = directory / f"{stem}.json", directory / f"{stem}.csv"
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     fields = ["rank", "class_id", "name", "iou", "acc", "labelled", "predicted", "true_positive"]
+    if any("bin" in row for row in result["per_class"]):
+        fields += ["bin", "train_images"]
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
@@ -202,12 +230,26 @@ def format_results(result: dict[str, Any], max_classes: int = 40) -> str:
     """
     lines = [
         "  ".join(f"{k} {_fmt(result[k]).strip()}" for k in ("aAcc", "mIoU", "mAcc", "fwIoU")),
+    ]
+    if "mIoU_rare" in result:
+        lines.append(
+            "  ".join(
+                f"mIoU_{b} {_fmt(result[f'mIoU_{b}']).strip()} ({result[f'classes_{b}']} classes)"
+                for b in metrics.FREQUENCY_BINS
+            )
+            + f"  [bins from the {result['frequency_source']}]"
+        )
+    lines += [
         f"{len(result['per_class'])} classes present, {result['labelled_pixels']} labelled pixels",
         "",
     ]
     table = result["per_class"]
     width = max([len(r["name"]) for r in table] + [5])
-    lines.append(f"{'rank':>5}  {'id':>6}  {'class':<{width}}  {'IoU':>6}  {'Acc':>6}  pixels")
+    binned = any("bin" in r for r in table)
+    lines.append(
+        f"{'rank':>5}  {'id':>6}  {'class':<{width}}  {'IoU':>6}  {'Acc':>6}  pixels"
+        + ("  bin" if binned else "")
+    )
     rows = list(enumerate(table, 1))
     skipped = 0
     if 0 <= max_classes < len(rows):
@@ -221,7 +263,7 @@ def format_results(result: dict[str, Any], max_classes: int = 40) -> str:
         rank, r = item
         lines.append(
             f"{rank:>5}  {r['class_id']:>6}  {r['name']:<{width}}  {_fmt(r['iou'])}  "
-            f"{_fmt(r['acc'])}  {r['labelled']}"
+            f"{_fmt(r['acc'])}  {r['labelled']}" + (f"  {r['bin']}" if binned else "")
         )
     return "\n".join(lines)
 
@@ -235,6 +277,44 @@ def split_source(config: ml_collections.ConfigDict, split: str, max_examples: in
         return train if not max_examples else sources.Prefix(train, max_examples)
     config.dataset.eval_split = split
     return sources.make_sources(config)[1]
+
+
+def _dataset_key(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What decides a dataset's training split (the workdir's bins are reused while it holds)."""
+    d = config.dataset
+    key = {"name": d.name, "config": d.config, "train_split": d.train_split,
+           "num_classes": int(d.num_classes)}  # fmt: skip
+    if d.name == "synthetic":
+        key["synthetic"] = d.synthetic.to_dict()
+    return json.loads(json.dumps(key, default=list))
+
+
+def dataset_class_frequency(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike
+) -> dict[str, Any]:
+    """The rare/common/frequent bin of every class of the config's dataset.
+
+    Read from the workdir's ``class_frequency.json`` while it was computed for the same
+    dataset; otherwise computed (:func:`jaxscaleseg.data.frequency.class_frequency`: the
+    dataset's own labels, e.g. LVIS's r/c/f, else the training images each class is in) and
+    stored there.
+
+    Returns:
+      The ``class_frequency`` dict plus ``dataset`` (what it was computed for).
+    """
+    key = _dataset_key(config)
+    stored = workdir_lib.read_class_frequency(workdir)
+    if stored is not None and stored.get("dataset") == key:
+        return stored
+    train, _ = sources.make_sources(config)
+    print(f"binning the {config.dataset.num_classes} classes by their training images "
+          f"({len(train)} images; stored in the workdir)", flush=True)  # fmt: skip
+    record = {
+        "dataset": key,
+        **frequency.class_frequency(train, int(config.dataset.num_classes), log_every_seconds=30),
+    }
+    workdir_lib.write_class_frequency(workdir, record)
+    return record
 
 
 def run(
@@ -262,6 +342,7 @@ def run(
         f"{len(source)} images, {inference.describe(settings)}",
         flush=True,
     )
+    class_frequency = dataset_class_frequency(config, workdir)
     t0 = time.perf_counter()
     counts, images = evaluate_source(
         predictor,
@@ -272,6 +353,7 @@ def run(
     result = results(
         counts,
         predictor.class_names,
+        class_frequency=class_frequency,
         split=split,
         checkpoint=str(checkpoint),
         step=predictor.step,

@@ -9,6 +9,8 @@ A workdir holds::
                           from it: ``build_model(**read_model_args(workdir))``)
     config.json           the config of the run
     metrics.jsonl         one JSON object per log or evaluation
+    class_frequency.json  each class's rare/common/frequent bin, written by the first
+                          evaluation (``jaxscaleseg.evaluation.dataset_class_frequency``)
     tensorboard/          TensorBoard event files
 
 Training (:mod:`jaxscaleseg.training`), evaluation and prediction read and write it only
@@ -38,6 +40,7 @@ CHECKPOINT_DIRS = {"latest": LATEST_DIR, "best": BEST_DIR}
 MODEL_FILE = "model.json"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
+CLASS_FREQUENCY_FILE = "class_frequency.json"
 TENSORBOARD_DIR = "tensorboard"
 # The build_model arguments that decide the parameters' shapes and meaning: a checkpoint only
 # fits a model that agrees on these (dtype and BatchNorm momentum may differ).
@@ -73,6 +76,21 @@ def prepare(workdir: str | os.PathLike) -> Path:
     except OSError as e:
         raise WorkdirError(f"workdir {path} is not writable ({e.strerror or e})") from e
     return path
+
+
+def read_class_frequency(workdir: str | os.PathLike) -> dict[str, Any] | None:
+    """The stored ``class_frequency.json``, or None when there is none (or it is unreadable)."""
+    path = Path(workdir) / CLASS_FREQUENCY_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_class_frequency(workdir: str | os.PathLike, record: Mapping[str, Any]) -> None:
+    """Stores ``record`` as the workdir's ``class_frequency.json`` (atomically)."""
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    write_text_atomic(Path(workdir) / CLASS_FREQUENCY_FILE, json.dumps(record) + "\n")
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

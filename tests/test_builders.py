@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from jaxscaleseg import cli
+from jaxscaleseg import cli, evaluation, metrics
 from jaxscaleseg.data import builders, frequency, prepare
 from jaxscaleseg.data.builders import class_info, common, mappings
 from jaxscaleseg.labels import STORED_VOID
@@ -280,6 +280,16 @@ def test_coco_lvis_builder(tmp_path, manual):
     assert (bins[0], bins[4], bins[49], bins[1202]) == ("common", "rare", "frequent", "common")
     assert bins[1] == bins[1253] == "rare"  # in no training image
     assert result["train_images"][0] == 1 and result["train_images"][1253] == 0
+    # Evaluation reports the mIoU per LVIS bin: classes 0 (c), 4 (r) and 49 (f) labelled,
+    # IoU 1, 1/2 and 1/4; class 1253 (counted: rare) labelled, never predicted.
+    counts = metrics.ClassCounts(*(np.zeros(1284, np.int64) for _ in range(3)))
+    for c, (tp, predicted, labelled) in {0: (4, 4, 4), 4: (2, 4, 2), 49: (1, 1, 4),
+                                         1253: (0, 0, 3)}.items():  # fmt: skip
+        counts.true_positive[c], counts.predicted[c], counts.labelled[c] = tp, predicted, labelled
+    scores = evaluation.results(counts, names, class_frequency=result)
+    assert scores["mIoU_common"] == 1.0 and scores["mIoU_frequent"] == 0.25
+    assert scores["mIoU_rare"] == pytest.approx((0.5 + 0.0) / 2)
+    assert scores["classes_rare"] == 2
 
 
 # ---------------------------------------------------------------------------------------------

@@ -323,6 +323,35 @@ def test_results_table_agrees_with_metrics_and_is_written(tmp_path):
     assert "mIoU" in text and result["per_class"][0]["name"] in text and "more classes" in text
 
 
+def test_results_report_rare_common_frequent_miou(tmp_path):
+    source = _odd_source()
+    counts, _ = evaluation.evaluate_source(FakePredictor(pixel_model("logits")), source)
+    iou = metrics.summarize(counts)["per_class_iou"]
+    # Known training-image counts: classes 0.. cycle through the three LVIS bins.
+    train_images = np.resize([3, 50, 400, 0], C)
+    frequency = {
+        "bins": metrics.frequency_bins(train_images).tolist(),
+        "train_images": train_images.tolist(),
+        "source": "training split",
+    }
+    result = evaluation.results(
+        counts, [f"c{i}" for i in range(C)], class_frequency=frequency, split="validation"
+    )
+    for name, members in (("rare", (0, 3)), ("common", (1,)), ("frequent", (2,))):
+        ids = [c for c in range(C) if c % 4 in members and not np.isnan(iou[c])]
+        assert result[f"classes_{name}"] == len(ids)
+        assert result[f"mIoU_{name}"] == pytest.approx(np.mean(iou[ids]), rel=1e-12)
+    assert result["frequency_source"] == "training split"
+    for row in result["per_class"]:
+        assert row["bin"] == frequency["bins"][row["class_id"]]
+        assert row["train_images"] == train_images[row["class_id"]]
+    _, csv_path = evaluation.write_results(result, tmp_path, "eval")
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [r["bin"] for r in rows] == [r["bin"] for r in result["per_class"]]
+    text = evaluation.format_results(result, max_classes=-1)
+    assert "mIoU_rare" in text and "[bins from the training split]" in text
+
+
 # --------------------------------------------------------------------------- memory
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 from pathlib import Path
@@ -175,7 +176,22 @@ def test_predictor_from_workdir_and_evaluate_run(workdir, capsys):
     assert result["images"] == 3 and result["labelled_pixels"] > 0
     assert (workdir / "eval_validation_latest.json").exists()
     assert (workdir / "eval_validation_latest.csv").exists()
-    assert "mIoU" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "mIoU" in out and "mIoU_rare" in out and "binning the" in out
+    # The rare/common/frequent mIoU, with bins counted from the synthetic training split and
+    # stored in the workdir; a second evaluation reads them back.
+    stored = workdir_lib.read_class_frequency(workdir)
+    assert stored["source"] == "training split" and len(stored["bins"]) == NUM_CLASSES
+    bins = np.asarray(stored["bins"])
+    for name in ("rare", "common", "frequent"):
+        ids = [r["class_id"] for r in result["per_class"] if r["bin"] == name]
+        assert result[f"classes_{name}"] == len(ids)
+        assert set(ids) <= set(np.flatnonzero(bins == name).tolist())
+    again = evaluation.run(config, workdir, checkpoint="latest", print_classes=4)
+    assert "binning the" not in capsys.readouterr().out
+    assert again["mIoU_rare"] == result["mIoU_rare"]
+    rows = list(csv.DictReader((workdir / "eval_validation_latest.csv").open()))
+    assert {r["bin"] for r in rows} <= {"rare", "common", "frequent"}
 
     other = _config()
     other.dataset.num_classes = 31
