@@ -14,6 +14,11 @@ import tensorflow_datasets as tfds
 from jaxscaleseg.data import builders, image_classes, prepare
 from jaxscaleseg.data.builders import coco_lvis, mappings
 
+try:  # the training sources' home (jaxscaleseg.training before the data-sources move)
+    from jaxscaleseg.data.sources import make_sources
+except ImportError:
+    from jaxscaleseg.training import make_sources
+
 V = fx.V
 
 
@@ -161,3 +166,44 @@ def test_every_prepared_split_has_its_image_classes(tmp_path, manual):
     image_classes.write(image_classes.sidecar_path(builder.data_dir, "train"), [[1], [2]])
     source = tfds.data_source("seg_coco_lvis", split="train", data_dir=str(tmp_path / "data"))
     assert image_classes.with_image_classes(source, builder.data_dir, "train") is source
+
+
+def test_training_start_with_repeat_factors_reads_no_record(tmp_path, manual, monkeypatch):
+    """The training source carries the sidecar: building the repeat-factor iterator (what
+    training does before its first step) deserialises no record, image or label."""
+    from tensorflow_datasets.core.data_sources import base
+
+    from jaxscaleseg import config_schema
+    from jaxscaleseg.data import pipeline
+
+    fx.make_coco_lvis(manual, blanket_cabinet=True)
+    _prepare(tmp_path)
+    config = config_schema.base_config()
+    config.dataset.name = "seg_coco_lvis"
+    config.dataset.data_dir = str(tmp_path / "data")
+    config.dataset.num_classes = 1284
+    config.dataset.train_split = "validation"  # two images, classes on both
+    config.dataset.repeat_factor_threshold = 0.9
+
+    reads = []
+    deserialize = base.BaseDataSource._deserialize
+    monkeypatch.setattr(
+        base.BaseDataSource,
+        "_deserialize",
+        lambda self, record: reads.append(1) or deserialize(self, record),
+    )
+    train, _ = make_sources(config)
+    assert reads == []
+    np.testing.assert_array_equal(train.image_classes(0), [49, 1202])  # val2017/...2 (id 2)
+    np.testing.assert_array_equal(train.image_classes(1), [109, 180, 1253])  # train2017/...3
+    iterator = pipeline.make_train_iterator(
+        train,
+        batch_size=2,
+        crop_size=(16, 16),
+        seed=0,
+        num_classes=1284,
+        repeat_factor_threshold=config.dataset.repeat_factor_threshold,
+    )
+    assert reads == []  # the repeat factors came from the sidecar
+    batch = next(iterator)
+    assert batch["label"].shape == (2, 16, 16) and len(reads) >= 2  # the spy does see reads
