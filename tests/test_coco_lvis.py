@@ -13,11 +13,7 @@ import tensorflow_datasets as tfds
 
 from jaxscaleseg.data import builders, image_classes, prepare
 from jaxscaleseg.data.builders import coco_lvis, mappings
-
-try:  # the training sources' home (jaxscaleseg.training before the data-sources move)
-    from jaxscaleseg.data.sources import make_sources
-except ImportError:
-    from jaxscaleseg.training import make_sources
+from jaxscaleseg.data.sources import make_sources
 
 V = fx.V
 

@@ -3,9 +3,10 @@
 A dataset's own labels come first: a prepared dataset whose metadata has ``class_frequency``
 (one of ``"rare"``, ``"common"``, ``"frequent"`` or None per class; the COCO+LVIS builder
 stores LVIS's ``r``/``c``/``f`` there) keeps them. Every other class is binned by counting the
-training images it is in (``metrics.frequency_bins``): cheaply for the synthetic set
-(``source.image_classes``), by decoding every training label otherwise (minutes for a large
-dataset, which is why the result is stored in the workdir and read back).
+training images it is in (``metrics.frequency_bins``): cheaply from ``source.image_classes``
+(the synthetic set; a prepared split's sidecar, :mod:`jaxscaleseg.data.image_classes`), by
+decoding every training label otherwise (minutes for a large dataset prepared before the
+sidecar existed, which is why the result is stored in the workdir and read back).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging as absl_logging
 
-from jaxscaleseg.data import pipeline, synthetic
+from jaxscaleseg.data import image_classes, pipeline, synthetic
 from jaxscaleseg.errors import ConfigError, DatasetNotPreparedError
 
 
@@ -116,6 +116,9 @@ def make_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
             )
         data_dir = os.path.expanduser(d.data_dir)
         train = tfds.data_source(full, split=d.train_split, data_dir=data_dir)
+        # Each example's classes from the sidecar written at preparation (repeat factors and
+        # frequency bins then read no record).
+        train = image_classes.with_image_classes(train, builder.data_dir, d.train_split)
         evaluation = tfds.data_source(full, split=d.eval_split, data_dir=data_dir)
     if d.max_eval_examples and len(evaluation) > d.max_eval_examples:
         evaluation = Prefix(evaluation, d.max_eval_examples)
