@@ -163,11 +163,13 @@ def setup(config: ml_collections.ConfigDict, workdir: Any) -> tuple[Run, TrainSt
 
 def _resume_or_start(run: Run, state: TrainState, train_source: Any, host_batch: int):
     """The restored state (setting ``run.start_step``/``best_miou``), or the fresh one."""
+    # Read even without a latest checkpoint: a kill can leave a best one alone (it is saved
+    # first at an evaluation step), and a rerun must not save onto it again.
+    run.best_miou = run.checkpoints.best_miou()
     if run.checkpoints.latest_step() is not None:
         target = workdir_lib.state_tree(state)
         tree, run.start_step = run.checkpoints.restore_latest(target, run.train_iter)
         state = state.replace(**tree)
-        run.best_miou = run.checkpoints.best_miou()
         if run.is_main:
             print(f"resuming from step {run.start_step} in {run.workdir}", flush=True)
         return state
