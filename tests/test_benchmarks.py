@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end (on tiny settings)."""
 
 import csv
+import math
 
 import pytest
 
@@ -40,39 +41,30 @@ def test_gpu_scaling_preset_runs_on_cpu_with_a_tiny_override(tmp_path):
 def test_quality_benchmark_trains_both_heads_with_the_same_budget(tmp_path):
     from benchmarks import quality
 
-    rows = quality.main(
-        [
-            "--classes",
-            "20",
-            "--steps",
-            "2",
-            "--batch",
-            "2",
-            "--image_size",
-            "32",
-            "--train_examples",
-            "8",
-            "--eval_examples",
-            "4",
-            "--workdir",
-            str(tmp_path / "runs"),
-            "--output_dir",
-            str(tmp_path),
-        ]
-    )
-    assert {(r["C"], r["head"]) for r in rows} == {(20, "ess"), (20, "softmax")}
-    assert all(r["steps"] == 2 and 0.0 <= r["mIoU"] <= 1.0 for r in rows)
+    args = ["--classes", "20", "--sets", "long_tail", "--seeds", "0", "--steps", "2",
+            "--batch", "2", "--image_size", "32", "--train_examples", "8", "--eval_examples", "4",
+            "--workdir", str(tmp_path / "runs"), "--output_dir", str(tmp_path)]  # fmt: skip
+    rows = quality.main(args)
+    assert {(r["C"], r["set"], r["head"]) for r in rows} == {
+        (20, "long_tail", "ess"),
+        (20, "long_tail", "softmax"),
+    }
+    for r in rows:
+        assert r["steps"] == 2 and 0.0 <= r["mIoU"] <= 1.0
+        assert r["step_peak_mb"] > 0 and r["seconds_this_call"] > 0
+        # 8 training images cannot make a class common: every class present is rare.
+        assert r["classes_rare"] > 0 and r["classes_common"] == r["classes_frequent"] == 0
+        assert 0.0 <= r["mIoU_rare"] <= 1.0 and math.isnan(r["mIoU_frequent"])
     for head in ("ess", "softmax"):
-        config = quality.make_config(quality.PRESETS["cpu"], 20, head, 0)
+        config = quality.make_config(quality.PRESETS["cpu"], 20, head, 0, "long_tail")
         assert config.loss.name == head and config.dataset.num_classes == 20
+        assert config.dataset.synthetic.zipf_exponent == 1.0
+        assert config.dataset.synthetic.family_size == 4
+    assert quality.examples(quality.PRESETS["gpu"], 10_000) == (31_153, 3_895)
     with open(tmp_path / "quality_cpu.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
     table = (tmp_path / "quality_cpu.md").read_text()
-    assert "| 20 | 0 |" in table
+    assert "| 20 | long_tail | ess | 1 |" in table and "Total wall time" in table
     # A rerun finds both runs finished and only re-evaluates them.
-    again = quality.main(
-        ["--classes", "20", "--steps", "2", "--batch", "2", "--image_size", "32",
-         "--train_examples", "8", "--eval_examples", "4", "--workdir", str(tmp_path / "runs"),
-         "--output_dir", str(tmp_path)]
-    )  # fmt: skip
+    again = quality.main(args)
     assert [r["mIoU"] for r in again] == pytest.approx([r["mIoU"] for r in rows])

@@ -27,8 +27,9 @@ above unchanged):
   (``1..C``, a permutation of the ids fixed by the data seed, the same for every split) gets a
   share ``r**-s / sum_q q**-s`` of the split's regions, rounded to whole regions with at least
   one region per class when the split has at least ``C`` regions; so at ``s = 1``, 4 000
-  training images and 1 284 classes the rarest classes are in two images and the most
-  frequent in about a thousand (see ``SyntheticSegmentation.region_quota``).
+  training images and 1 284 classes the rarest classes have two regions (in one or two
+  images) and the most frequent about 2 600 (in about 1 900 images); see
+  ``SyntheticSegmentation.region_quota``.
 
 Records have the same format as a prepared TFDS dataset read with ``tfds.data_source``:
 ``{"image": uint8 [H, W, 3], "label": [H, W], "file_name": str}``. Labels are uint16 with void
