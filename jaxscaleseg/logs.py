@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import sys
 import time
@@ -42,10 +43,15 @@ class MetricWriter:
         if not self._enabled:
             return
         values = {k: float(v) for k, v in scalars.items()}
-        workdir_lib.append_metrics(self._workdir, {"step": int(step), **values})
-        for key, value in values.items():
-            self._tb.add_scalar(key, value, int(step))
-        self._tb.flush()
+        try:
+            workdir_lib.append_metrics(self._workdir, {"step": int(step), **values})
+            for key, value in values.items():
+                self._tb.add_scalar(key, value, int(step))
+            self._tb.flush()
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise workdir_lib.disk_full_error(self._workdir, "writing metrics", e) from e
+            raise
 
     def close(self) -> None:
         """Closes the TensorBoard writer."""

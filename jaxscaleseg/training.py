@@ -21,6 +21,7 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -119,8 +120,6 @@ def setup(config: ml_collections.ConfigDict, workdir: Any) -> tuple[Run, TrainSt
       ``(run, state)``: the state at ``run.start_step`` (restored, or fresh and imprinted).
     """
     config_schema.validate(config)
-    if config.distributed:
-        jax.distributed.initialize()
     workdir = workdir_lib.prepare(workdir)
     model_args = steps.model_args(config)
     workdir_lib.check_model(workdir, model_args)
@@ -140,7 +139,9 @@ def setup(config: ml_collections.ConfigDict, workdir: Any) -> tuple[Run, TrainSt
         config=config,
         workdir=workdir,
         is_main=is_main,
-        checkpoints=workdir_lib.RunCheckpoints(workdir, config.keep_checkpoints),
+        checkpoints=workdir_lib.RunCheckpoints(
+            workdir, config.keep_checkpoints, log=_warn if is_main else _quiet
+        ),
         train_iter=train_iter,
         eval_loader=sources.eval_iterator(config, eval_source, host_eval_batch),
         step_fn=jax.jit(
@@ -161,14 +162,21 @@ def setup(config: ml_collections.ConfigDict, workdir: Any) -> tuple[Run, TrainSt
     return run, state
 
 
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _quiet(message: str) -> None:
+    del message
+
+
 def _resume_or_start(run: Run, state: TrainState, train_source: Any, host_batch: int):
-    """The restored state (setting ``run.start_step``/``best_miou``), or the fresh one."""
-    # Read even without a latest checkpoint: a kill can leave a best one alone (it is saved
-    # first at an evaluation step), and a rerun must not save onto it again.
+    """The restored state (setting ``run.start_step``), or the fresh one; ``run.best_miou``
+    comes from ``best/`` either way (a kill may leave it ahead of ``checkpoints/``)."""
     run.best_miou = run.checkpoints.best_miou()
-    if run.checkpoints.latest_step() is not None:
-        target = workdir_lib.state_tree(state)
-        tree, run.start_step = run.checkpoints.restore_latest(target, run.train_iter)
+    restored = run.checkpoints.restore_latest(workdir_lib.state_tree(state), run.train_iter)
+    if restored is not None:
+        tree, run.start_step = restored
         state = state.replace(**tree)
         if run.is_main:
             print(f"resuming from step {run.start_step} in {run.workdir}", flush=True)
@@ -276,9 +284,23 @@ def train_loop(run: Run, state: TrainState, writer: logs.MetricWriter, progress)
             run.checkpoints.save_latest(step, workdir_lib.state_tree(state), run.train_iter)
             if step < last:
                 batch = _next_batch(run)
-    if run.start_step >= last:
-        summary = run_eval(run, state, run.start_step, writer)
+    if run.start_step >= last:  # a finished run, rerun: its final evaluation is on record
+        summary = recorded_eval(run.workdir, run.start_step) or run_eval(
+            run, state, run.start_step, writer
+        )
     return step, summary
+
+
+def recorded_eval(workdir: Any, step: int) -> dict[str, float] | None:
+    """The evaluation scalars ``metrics.jsonl`` holds for ``step`` (None if it holds none)."""
+    for record in reversed(workdir_lib.read_metrics(workdir)):
+        if record["step"] == step and "eval_mIoU" in record:
+            return {
+                k[len("eval_") :]: v
+                for k, v in record.items()
+                if k.startswith("eval_") and k != "eval_seconds"
+            }
+    return None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
@@ -294,20 +316,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     Raises:
       UserError (ConfigError, DatasetNotPreparedError, WorkdirError, ModelMismatchError):
-        one-line messages.
+        one-line messages; a workdir in use by another training process, or a disk that
+        fills, is a WorkdirError.
       NonFiniteLossError: the loss became non-finite; the last good checkpoint stays.
     """
-    run, state = setup(config, workdir)
-    writer = logs.MetricWriter(run.workdir, run.start_step, enabled=run.is_main)
-    progress = logs.Progress(
-        run.is_main and config.progress_bar, run.start_step, config.num_train_steps
-    )
+    if config.distributed:
+        jax.distributed.initialize()
+    path = workdir_lib.prepare(workdir)
+    lock = workdir_lib.RunLock(path) if jax.process_index() == 0 else None
     try:
-        step, summary = train_loop(run, state, writer, progress)
+        run, state = setup(config, path)
+        writer = logs.MetricWriter(run.workdir, run.start_step, enabled=run.is_main)
+        progress = logs.Progress(
+            run.is_main and config.progress_bar, run.start_step, config.num_train_steps
+        )
+        try:
+            step, summary = train_loop(run, state, writer, progress)
+        finally:
+            progress.close()
+            writer.close()
+            run.checkpoints.close()
     finally:
-        progress.close()
-        writer.close()
-        run.checkpoints.close()
+        if lock is not None:
+            lock.release()
     if run.is_main:
         print(
             f"final validation mIoU {summary['mIoU']:.4f} (mAcc {summary['mAcc']:.4f}, aAcc "
@@ -321,4 +352,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     }
 
 
-__all__ = ["Run", "Window", "evaluate", "setup", "train_and_evaluate", "train_loop"]
+__all__ = [
+    "Run",
+    "Window",
+    "evaluate",
+    "recorded_eval",
+    "setup",
+    "train_and_evaluate",
+    "train_loop",
+]

@@ -12,6 +12,8 @@ A workdir holds::
     class_frequency.json  each class's rare/common/frequent bin, written by the first
                           evaluation (``jaxscaleseg.evaluation.dataset_class_frequency``)
     tensorboard/          TensorBoard event files
+    damaged/              checkpoints found unreadable on a resume (moved, never deleted)
+    .lock                 held by the training process using the workdir
 
 Training (:mod:`jaxscaleseg.training`), evaluation and prediction read and write it only
 through this module. Files a run rewrites (``model.json``, ``config.json``, the trimmed
@@ -21,10 +23,13 @@ run never leaves them half-written; :func:`read_metrics` skips a line a killed r
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import socket
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +37,12 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from jaxscaleseg.errors import CheckpointNotFoundError, ModelMismatchError, WorkdirError
+from jaxscaleseg.errors import (
+    CheckpointNotFoundError,
+    ModelMismatchError,
+    WorkdirError,
+    one_line,
+)
 
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
@@ -42,6 +52,8 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CLASS_FREQUENCY_FILE = "class_frequency.json"
 TENSORBOARD_DIR = "tensorboard"
+DAMAGED_DIR = "damaged"  # unreadable checkpoints are moved here, never deleted
+LOCK_FILE = ".lock"
 # The build_model arguments that decide the parameters' shapes and meaning: a checkpoint only
 # fits a model that agrees on these (dtype and BatchNorm momentum may differ).
 ARCHITECTURE_KEYS = (
@@ -233,6 +245,8 @@ def find_checkpoint(workdir: str | os.PathLike, checkpoint: str | int = "best") 
       CheckpointNotFoundError: naming the workdir and what was looked for.
     """
     workdir = resolve(workdir)
+    if not workdir.is_dir():
+        raise CheckpointNotFoundError(f"workdir {workdir} does not exist")
     key = str(checkpoint)
     if key in CHECKPOINT_DIRS:
         directory = workdir / CHECKPOINT_DIRS[key]
@@ -264,6 +278,7 @@ def load_checkpoint(workdir: str | os.PathLike, checkpoint: str | int = "latest"
 
     Raises:
       CheckpointNotFoundError: see :func:`find_checkpoint`.
+      WorkdirError: the checkpoint cannot be read.
     """
     directory, step = find_checkpoint(workdir, checkpoint)
     with ocp.CheckpointManager(
@@ -271,7 +286,15 @@ def load_checkpoint(workdir: str | os.PathLike, checkpoint: str | int = "latest"
         item_names=("state",),
         options=ocp.CheckpointManagerOptions(create=False),
     ) as manager:
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        try:
+            restored = manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+            )
+        except Exception as e:  # noqa: BLE001 (orbax/tensorstore raise many kinds)
+            raise WorkdirError(
+                f"checkpoint {directory / str(step)} is unreadable ({one_line(e)[:300]}); "
+                "name another one with --checkpoint"
+            ) from e
     return restored["state"]
 
 
@@ -287,34 +310,84 @@ def load_variables(
     return variables, int(step)
 
 
+def _disk_full(error: BaseException) -> bool:
+    """Whether an exception (or one it was raised from) is a full disk or quota."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def disk_full_error(workdir: Path, what: str, error: BaseException) -> WorkdirError:
+    """The one-line error for a write that found the disk full."""
+    return WorkdirError(
+        f"workdir {workdir}: no space left on the device while {what} ({one_line(error)}); "
+        "what was saved before is intact: free some space and rerun to resume"
+    )
+
+
 class RunCheckpoints:
     """The latest and best checkpoint folders of a training run (orbax managers).
+
+    Recovery rules: the best mIoU is always read from ``best/`` (whatever ``checkpoints/``
+    holds); a step already saved is never saved again (a rerun after a kill reaches the same
+    state); more than ``keep`` latest checkpoints (a kill between a save and the deletion of the
+    oldest) are trimmed on start; a newest checkpoint that cannot be read is moved to
+    ``damaged/`` with a one-line warning and the previous one is used; a full disk during a save
+    is one :class:`WorkdirError` line.
 
     Args:
       workdir: the run's workdir.
       keep: how many latest checkpoints to keep.
+      log: called with one-line warnings.
     """
 
-    def __init__(self, workdir: Path, keep: int):
+    def __init__(self, workdir: Path, keep: int, log: Callable[[str], None] = print):
         self.workdir = workdir
-        sync = dict(create=True, enable_async_checkpointing=False)
-        self._latest = ocp.CheckpointManager(
-            (workdir / LATEST_DIR).absolute(),
-            item_names=("state", "data"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, **sync),
+        self._keep = keep
+        self._log = log
+        self._latest = self._manager(
+            LATEST_DIR, {"data": grain.checkpoint.CheckpointHandler()}, keep
         )
-        self._best = ocp.CheckpointManager(
-            (workdir / BEST_DIR).absolute(),
-            item_names=("state", "metrics"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=1, **sync),
+        self._best = self._manager(BEST_DIR, {"metrics": ocp.JsonCheckpointHandler()}, 1)
+        for manager, limit in ((self._latest, keep), (self._best, 1)):
+            for step in manager.all_steps()[:-limit]:
+                manager.delete(step)
+
+    def _manager(self, name: str, handlers: dict[str, Any], keep: int) -> ocp.CheckpointManager:
+        # Handlers named up front: the state's metadata (shapes) is readable before a restore.
+        return ocp.CheckpointManager(
+            (self.workdir / name).absolute(),
+            item_handlers={"state": ocp.StandardCheckpointHandler(), **handlers},
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, enable_async_checkpointing=False
+            ),
         )
 
     def latest_step(self) -> int | None:
         """The newest latest-checkpoint step, or None."""
         return self._latest.latest_step()
 
-    def restore_latest(self, target: Any, iterator: Any) -> tuple[dict[str, Any], int]:
-        """Restores the newest latest checkpoint; ``iterator`` is moved to its saved position.
+    def _set_aside(self, manager: ocp.CheckpointManager, name: str, step: int, error) -> None:
+        """Moves an unreadable checkpoint to ``damaged/`` (never deleted) and says so."""
+        damaged = self.workdir / DAMAGED_DIR
+        damaged.mkdir(exist_ok=True)
+        target = damaged / f"{name}_{step}"
+        n = 1
+        while target.exists():
+            target, n = damaged / f"{name}_{step}_{n}", n + 1
+        os.replace(self.workdir / name / str(step), target)
+        manager.reload()
+        self._log(
+            f"warning: checkpoint {name}/{step} in {self.workdir} is unreadable "
+            f"({one_line(error)[:300]}); moved to {target}, using the previous one"
+        )
+
+    def restore_latest(self, target: Any, iterator: Any) -> tuple[dict[str, Any], int] | None:
+        """Restores the newest readable latest checkpoint; ``iterator`` moves to its position.
 
         Args:
           target: a state tree (:func:`state_tree`) whose shapes, dtypes and shardings the
@@ -322,53 +395,155 @@ class RunCheckpoints:
           iterator: the training iterator.
 
         Returns:
-          ``(state tree, step)``.
+          ``(state tree, step)``, or None when no checkpoint could be read (the iterator is
+          then back at its start).
+
+        Raises:
+          ModelMismatchError: a checkpoint holds arrays of other shapes than ``target``.
         """
-        step = self._latest.latest_step()
         abstract_tree = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        restored = self._latest.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_tree),
-                data=grain.checkpoint.CheckpointRestore(iterator),
-            ),
-        )
-        return restored["state"], int(step)
+        start = iterator.get_state()
+        for step in reversed(self._latest.all_steps()):
+            try:
+                _check_shapes(self._latest, step, abstract_tree, self.workdir)
+                restored = self._latest.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_tree),
+                        data=grain.checkpoint.CheckpointRestore(iterator),
+                    ),
+                )
+            except ModelMismatchError:
+                raise
+            except Exception as e:  # noqa: BLE001 (orbax/grain/tensorstore raise many kinds)
+                text = str(e).lower()
+                if "shape" in text and ("compatible" in text or "mismatch" in text):
+                    raise ModelMismatchError(
+                        f"workdir {self.workdir} holds a checkpoint of another model "
+                        f"({one_line(e)[:300]}); use another --workdir"
+                    ) from e
+                if "does not match" in text:  # grain: the iterator of another dataset
+                    raise WorkdirError(
+                        f"checkpoint {LATEST_DIR}/{step} in {self.workdir} was saved by a run on "
+                        f"other data ({one_line(e)[:300]}); use the run's config or another "
+                        "--workdir"
+                    ) from e
+                self._set_aside(self._latest, LATEST_DIR, step, e)
+                continue
+            return restored["state"], int(step)
+        iterator.set_state(start)
+        return None
 
     def best_miou(self) -> float:
         """The validation mIoU of the best checkpoint, or -1 when there is none."""
-        step = self._best.latest_step()
-        if step is None:
-            return -1.0
-        stored = self._best.restore(step, args=ocp.args.Composite(metrics=ocp.args.JsonRestore()))
-        return float(stored["metrics"]["mIoU"])
+        for step in reversed(self._best.all_steps()):
+            try:
+                stored = self._best.restore(
+                    step, args=ocp.args.Composite(metrics=ocp.args.JsonRestore())
+                )
+                return float(stored["metrics"]["mIoU"])
+            except Exception as e:  # noqa: BLE001 (as in restore_latest)
+                self._set_aside(self._best, BEST_DIR, step, e)
+        return -1.0
 
     def save_latest(self, step: int, tree: Any, iterator: Any) -> None:
-        """Saves a latest checkpoint (state and the iterator's position) at ``step``."""
-        self._latest.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(tree),
-                data=grain.checkpoint.CheckpointSave(iterator),
-            ),
-            force=True,
+        """Saves a latest checkpoint (state and the iterator's position) at ``step``.
+
+        Raises:
+          WorkdirError: the disk is full (the previous checkpoints stay).
+        """
+        if step in self._latest.all_steps():
+            return
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(tree), data=grain.checkpoint.CheckpointSave(iterator)
         )
+        try:
+            self._latest.save(step, args=args, force=True)
+        except Exception as e:
+            if _disk_full(e):
+                raise disk_full_error(self.workdir, f"saving checkpoint {step}", e) from e
+            raise
 
     def save_best(self, step: int, tree: Any, scalars: Mapping[str, float]) -> None:
-        """Saves the best checkpoint at ``step`` with its validation scalars."""
-        self._best.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(tree),
-                metrics=ocp.args.JsonSave({k: float(v) for k, v in scalars.items()}),
-            ),
-            force=True,
+        """Saves the best checkpoint at ``step`` with its validation scalars.
+
+        Raises:
+          WorkdirError: the disk is full (the previous best checkpoint stays).
+        """
+        if step in self._best.all_steps():
+            return
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(tree),
+            metrics=ocp.args.JsonSave({k: float(v) for k, v in scalars.items()}),
         )
+        try:
+            self._best.save(step, args=args, force=True)
+        except Exception as e:
+            if _disk_full(e):
+                raise disk_full_error(self.workdir, f"saving the best checkpoint {step}", e) from e
+            raise
 
     def close(self) -> None:
         """Waits for pending writes and releases the managers."""
         self._latest.close()
         self._best.close()
+
+
+def _check_shapes(manager: ocp.CheckpointManager, step: int, abstract: Any, workdir: Path) -> None:
+    """Refuses a checkpoint whose arrays have other shapes than the model's (another model or
+    class count in a workdir without ``model.json``), before orbax fails on it."""
+    try:
+        stored = manager.item_metadata(step)["state"]
+        stored = getattr(stored, "tree", stored)
+        stored_shapes = {
+            jax.tree_util.keystr(path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(stored)[0]
+            if hasattr(leaf, "shape")
+        }
+    except Exception:  # noqa: BLE001 (no readable metadata: the restore itself decides)
+        return
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+        key = jax.tree_util.keystr(path)
+        if key in stored_shapes and stored_shapes[key] != tuple(leaf.shape):
+            raise ModelMismatchError(
+                f"workdir {workdir} holds a checkpoint of another model: {key} is "
+                f"{stored_shapes[key]} there but {tuple(leaf.shape)} in the config's model; "
+                "use another --workdir"
+            )
+
+
+class RunLock:
+    """An exclusive lock on a workdir for one training process.
+
+    ``fcntl.flock`` on ``<workdir>/.lock``: the system drops it when the process ends, however
+    it ends, so a killed run never leaves the workdir locked.
+
+    Raises:
+      WorkdirError: another process holds the lock.
+    """
+
+    def __init__(self, workdir: Path):
+        self._file = open(workdir / LOCK_FILE, "a+")  # held until release()
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise WorkdirError(
+                f"workdir {workdir} is in use by another training run ({holder}); wait for it "
+                "to end or use another --workdir"
+            ) from e
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        """Releases the lock."""
+        if not self._file.closed:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
 
 
 __all__ = [
@@ -380,9 +555,11 @@ __all__ = [
     "METRICS_FILE",
     "MODEL_FILE",
     "RunCheckpoints",
+    "RunLock",
     "TENSORBOARD_DIR",
     "append_metrics",
     "check_model",
+    "disk_full_error",
     "checkpoint_steps",
     "find_checkpoint",
     "load_checkpoint",
