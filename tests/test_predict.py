@@ -158,6 +158,7 @@ def test_missing_checkpoint_is_one_line_naming_the_workdir(tmp_path, inputs, cap
     config = tmp_path / "config.py"
     config.write_text(CONFIG_FILE.format(num_classes=NUM_CLASSES))
     empty = tmp_path / "empty"
+    empty.mkdir()  # a workdir without checkpoints (a missing one: tests/test_recovery.py)
     status, _, err = _run(
         ["--config", config, "--workdir", empty, "--output", tmp_path / "o", inputs], capsys
     )
