@@ -1,5 +1,7 @@
 """Recovery: a workdir left by a kill, a full disk, a second process or a damaged checkpoint.
 
+(A best checkpoint with no latest one beside it: ``tests/test_faults.py``.)
+
 Each test reproduces one defect found by trying the CLI as a user would (issue 18) and fails
 without its fix. They share the tiny synthetic config of ``test_training`` (a few steps, a
 checkpoint every step) so the compiled programs come from the persistent cache.
@@ -33,17 +35,6 @@ def _params(path: Path, checkpoint="latest"):
 
 def _steps(path: Path, name: str) -> list[int]:
     return workdir.checkpoint_steps(path / name)
-
-
-def test_best_ahead_of_an_emptied_latest_resumes_without_saving_onto_a_step(tmp_path):
-    """A kill after ``best/2`` was written but before ``checkpoints/2`` (here: nothing in
-    ``checkpoints/``) used to end every rerun in orbax's StepAlreadyExistsError."""
-    config = tiny_config(num_train_steps=2, checkpoint_every_steps=2, eval_every_steps=2)
-    first = training.train_and_evaluate(config, tmp_path)
-    shutil.rmtree(tmp_path / "checkpoints")
-    again = training.train_and_evaluate(config, tmp_path)
-    assert again["step"] == 2 and again["best_mIoU"] == first["best_mIoU"]
-    assert _steps(tmp_path, "best") == [2] and _steps(tmp_path, "checkpoints") == [2]
 
 
 def test_finished_run_rerun_adds_no_record_and_trims_extra_checkpoints(tmp_path):
