@@ -3,8 +3,8 @@ r"""python -m jaxscaleseg.train --config configs/coco_lvis_resnet50_ess.py --wor
 COCO+LVIS (1284 classes), DeepLabV3+ ResNet-50 (output stride 16), ESS head.
 
 Variants: ``:smoke``, ``:original`` (the original code's labels, negative-set rule and
-BatchNorm momenta, below; it needs ``python -m jaxscaleseg.data.prepare coco_lvis --config
-original_masks ...``). Needs the prepared dataset (``python -m
+BatchNorm momenta, below; it needs ``python -m jaxscaleseg.data.prepare coco_lvis
+--builder_config original_masks ...``). Needs the prepared dataset (``python -m
 jaxscaleseg.data.prepare coco_lvis ...``); the ImageNet backbone is torchvision's, fetched once.
 
 Where each setting comes from ("the original code" is github.com/shipra25jain/ESSNet):

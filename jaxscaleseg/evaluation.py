@@ -19,7 +19,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,11 +106,21 @@ def evaluate_batches(
 
 
 def evaluate_source(
-    predictor: inference.Predictor, source: Any, *, batch_size: int = 1, **kwargs
+    predictor: inference.Predictor,
+    source: Any,
+    *,
+    batch_size: int = 1,
+    view: Mapping[str, Any] | None = None,
+    **kwargs,
 ) -> tuple[metrics.ClassCounts, int]:
-    """:func:`evaluate_batches` over a random-access source at full resolution."""
+    """:func:`evaluate_batches` over a random-access source at full resolution.
+
+    ``view``: extra ``pipeline.make_eval_iterator`` keywords: the original code's evaluation
+    views (``protocol="crop_val"`` with a square ``crop_size``, ``warp_size``) and the images'
+    ``normalization``; see ``sources.eval_view``.
+    """
     batches = pipeline.make_eval_iterator(
-        source, batch_size=batch_size, num_classes=predictor.num_classes
+        source, batch_size=batch_size, num_classes=predictor.num_classes, **(view or {})
     )
     return evaluate_batches(predictor, batches, predictor.num_classes, **kwargs)
 
@@ -317,6 +327,15 @@ def dataset_class_frequency(
     return record
 
 
+def _config_view(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config's evaluation view for the CLI: full resolution, except the original code's
+    ``crop_val`` protocol (at ``dataset.eval_crop_size``) and warp, and its normalisation."""
+    view = sources.eval_view(config)
+    if view["protocol"] == "crop_val":
+        view["crop_size"] = tuple(config.dataset.eval_crop_size)
+    return view
+
+
 def run(
     config: ml_collections.ConfigDict,
     workdir: str | os.PathLike,
@@ -348,6 +367,7 @@ def run(
         predictor,
         source,
         batch_size=batch_size or int(config.dataset.eval_batch_size),
+        view=_config_view(config),
         log_every_seconds=30.0,
     )
     result = results(

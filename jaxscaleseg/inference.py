@@ -445,6 +445,9 @@ class Predictor:
       palette: uint8 ``[C, 3]`` colours.
       settings: the :class:`InferenceSettings`.
       step: the training step of the checkpoint (None if unknown).
+      normalization: ``(mean, std)`` float32 [3] of the training images (the config's
+        ``dataset.normalization``, ImageNet's unless the original code's COCO-Stuff), applied
+        to the uint8 images given to ``__call__``.
     """
 
     def __init__(
@@ -456,8 +459,10 @@ class Predictor:
         palette: np.ndarray | None = None,
         settings: InferenceSettings | None = None,
         step: int | None = None,
+        normalization: str = "imagenet",
     ):
         self.model = model
+        self.normalization = augment.normalization(normalization)
         self.variables = jax.device_put(dict(variables))
         self.num_classes = int(model.num_classes)
         self.class_names = tuple(class_names or synthetic.class_names(self.num_classes))
@@ -511,6 +516,7 @@ class Predictor:
             palette=palette,
             settings=settings or InferenceSettings.from_config(config),
             step=step,
+            normalization=config.dataset.normalization,
         )
 
     def apply_fn(self, images: jax.Array) -> Mapping[str, jax.Array]:
@@ -539,7 +545,7 @@ class Predictor:
           int32 numpy ``[H, W]`` or ``[B, H, W]``.
         """
         batch, single = _as_rgb_batch(images)
-        labels = np.asarray(self.predict_normalized(augment.normalize(batch)))
+        labels = np.asarray(self.predict_normalized(augment.normalize(batch, *self.normalization)))
         return labels[0] if single else labels
 
 

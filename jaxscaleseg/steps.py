@@ -52,6 +52,7 @@ class LossSpec:
         queries×classes block held at once), or ``"auto"`` (``losses.loss_plan``).
       pixels_per_chunk: pixels per chunk of the ESS loss, or ``"auto"``.
       table_gradient: how row gradients reach the class table (``losses.ess_objective``).
+      negatives: how each pixel's k negatives are chosen (``losses.NEGATIVE_RULES``).
     """
 
     name: str = "ess"
@@ -62,6 +63,7 @@ class LossSpec:
     max_block_bytes: int | str = "auto"
     pixels_per_chunk: int | str = "auto"
     table_gradient: str = "auto"
+    negatives: str = "nearest_other"
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> LossSpec:
@@ -75,6 +77,7 @@ class LossSpec:
             max_block_bytes=config.max_block_bytes,
             pixels_per_chunk=config.pixels_per_chunk,
             table_gradient=config.table_gradient,
+            negatives=config.negatives,
         )
 
 
@@ -114,6 +117,7 @@ def compute_loss(
         max_block_bytes=spec.max_block_bytes,
         pixels_per_chunk=spec.pixels_per_chunk,
         table_gradient=spec.table_gradient,
+        negatives=spec.negatives,
     )
 
 

@@ -127,6 +127,8 @@ def setup(config: ml_collections.ConfigDict, workdir: Any) -> tuple[Run, TrainSt
         steps.pretrained_backbone(config, fetch_only=True)
     is_main = jax.process_index() == 0
     train_source, eval_source = sources.make_sources(config)
+    if is_main:
+        print(sources.describe_splits(config, train_source, eval_source), flush=True)
     mesh = steps.make_mesh()
     data_sharding, replicated = NamedSharding(mesh, P(steps.DATA_AXIS)), NamedSharding(mesh, P())
     host_batch = host_batch_size(config.batch_size, "batch_size")

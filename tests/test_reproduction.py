@@ -8,6 +8,7 @@ torchvision's centre-crop offset), written independently of ``jaxscaleseg.data.a
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import fixtures_archives as fx
 import jax
@@ -20,6 +21,8 @@ from jaxscaleseg import config_schema
 from jaxscaleseg.data import augment, pipeline, splits
 from jaxscaleseg.labels import STORED_VOID
 from jaxscaleseg.models import build_model
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def _mapped(stored: np.ndarray) -> np.ndarray:
@@ -240,3 +243,64 @@ def test_decoder_bn_momentum_applies_to_aspp_and_decoder_only():
             # 0.1 / 0.01 up to float32 rounding of the running-average update.
             np.testing.assert_allclose(np.asarray(y), 10 * np.asarray(x), rtol=1e-4, atol=1e-7)
     assert jnp.abs(jax.tree.leaves(b["decoder"])[0]).max() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The VOC paper config on the SBD-augmented fixture.
+
+
+@pytest.mark.slow
+def test_voc_paper_config_trains_on_train_aug_and_a_missing_split_is_refused(tmp_path, capsys):
+    """Prepared with SBD, the paper config's smoke variant trains on ``train_aug`` (3 fixture
+    images: VOC train has 1) and logs the sizes; asking ``voc2012`` for ``train_aug`` fails in
+    one line naming the split and the dataset."""
+    from jaxscaleseg import training  # noqa: PLC0415 (the end-to-end tests only)
+    from jaxscaleseg.data import prepare  # noqa: PLC0415
+
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    expected = fx.make_pascal_voc(manual, sbd=True)
+    data_dir = str(tmp_path / "data")
+    for builder_config in ("voc2012_aug", "voc2012"):
+        prepare.prepare(
+            "pascal_voc", manual_dir=str(manual), data_dir=data_dir, config=builder_config
+        )
+    config = config_schema.sibling_config(str(CONFIGS / "x.py"), "pascal_voc_resnet50_ess", "smoke")
+    config.dataset.data_dir = data_dir
+    config.dataset.crop_size = (32, 32)
+    config.dataset.eval_crop_size = (32, 48)
+    config.num_train_steps = 1
+    result = training.train_and_evaluate(config, tmp_path / "run")
+    assert result["step"] == 1
+    counts = {split: len(files) for split, files in expected.items()}
+    assert counts["train_aug"] == 3 and counts["train"] == 1
+    out = capsys.readouterr().out
+    assert f"train = train_aug ({counts['train_aug']} examples)" in out
+    assert f"eval = validation ({counts['validation']} examples)" in out
+
+    config.dataset.config = "voc2012"
+    with pytest.raises(config_schema.ConfigError) as error:
+        training.train_and_evaluate(config, tmp_path / "run2")
+    message = str(error.value)
+    assert "\n" not in message
+    assert "train_split='train_aug'" in message and "seg_pascal_voc/voc2012" in message
+
+
+def test_evaluate_cli_view_follows_the_config():
+    """``evaluate`` scores at full resolution, except the original code's views."""
+    from jaxscaleseg import evaluation  # noqa: PLC0415
+
+    ade = config_schema.sibling_config(str(CONFIGS / "x.py"), "ade20k_mobilenetv2_ess", "original")
+    view = evaluation._config_view(ade)  # noqa: SLF001 (the CLI's choice, tested directly)
+    assert view == {
+        "protocol": "crop_val",
+        "warp_size": None,
+        "normalization": "imagenet",
+        "crop_size": (512, 512),
+    }
+    stuff = config_schema.sibling_config(
+        str(CONFIGS / "x.py"), "coco_stuff10k_resnet50_ess", "original"
+    )
+    view = evaluation._config_view(stuff)  # noqa: SLF001
+    assert view["warp_size"] == (512, 512) and view["normalization"] == "coco_stuff_original"
+    assert view["protocol"] == "fit" and "crop_size" not in view

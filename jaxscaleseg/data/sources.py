@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging as absl_logging
 
-from jaxscaleseg.data import image_classes, pipeline, synthetic
+from jaxscaleseg.data import image_classes, pipeline, splits, synthetic
 from jaxscaleseg.errors import ConfigError, DatasetNotPreparedError
 
 
@@ -86,7 +86,8 @@ def make_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
     Raises:
       DatasetNotPreparedError: the TFDS dataset is not prepared in ``data_dir``; the message
         names the ``prepare`` command to run.
-      ConfigError: the prepared dataset's class count differs from ``dataset.num_classes``.
+      ConfigError: the prepared dataset's class count differs from ``dataset.num_classes``, or
+        it lacks ``dataset.train_split`` or ``dataset.eval_split`` (one line naming both).
     """
     d = config.dataset
     if d.name == "synthetic":
@@ -114,6 +115,10 @@ def make_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
             raise ConfigError(
                 f"dataset.num_classes={d.num_classes} but {full} has {meta_classes} classes"
             )
+        available = {name: int(info.num_examples) for name, info in builder.info.splits.items()}
+        message = splits.missing_split_error(full, available, d.train_split, d.eval_split)
+        if message:
+            raise ConfigError(message)
         data_dir = os.path.expanduser(d.data_dir)
         train = tfds.data_source(full, split=d.train_split, data_dir=data_dir)
         # Each example's classes from the sidecar written at preparation (repeat factors and
@@ -177,6 +182,9 @@ def train_iterator(
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
         repeat_factor_threshold=(d.repeat_factor_threshold or None) if resample else None,
+        warp_size=tuple(d.warp_size) or None,
+        color_jitter_factors=tuple(d.color_jitter_factors) or None,
+        normalization=d.normalization,
     )
 
 
@@ -191,7 +199,28 @@ def eval_iterator(config: ml_collections.ConfigDict, source: Any, batch_size: in
         pad_to=tuple(d.eval_pad_to) or None,
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
+        **eval_view(config),
     )
+
+
+def eval_view(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The evaluation view options of ``dataset`` (``pipeline.make_eval_iterator`` keywords):
+    ``protocol`` (``crop_val``: the original code's centre crop), ``warp_size`` (the original
+    code's COCO-Stuff warp) and ``normalization``."""
+    d = config.dataset
+    return {
+        "protocol": d.eval_protocol,
+        "warp_size": tuple(d.warp_size) or None,
+        "normalization": d.normalization,
+    }
+
+
+def describe_splits(config: ml_collections.ConfigDict, train: Any, evaluation: Any) -> str:
+    """The log line naming the dataset, its training and evaluation splits and their sizes."""
+    d = config.dataset
+    dataset = d.name + (f"/{d.config}" if d.config else "")
+    sizes = {"train": (d.train_split, len(train)), "eval": (d.eval_split, len(evaluation))}
+    return splits.describe_splits(dataset, sizes)
 
 
 def class_info(
@@ -224,7 +253,9 @@ def class_info(
 __all__ = [
     "Prefix",
     "class_info",
+    "describe_splits",
     "eval_iterator",
+    "eval_view",
     "make_sources",
     "resolve_worker_count",
     "tfds_full_name",
