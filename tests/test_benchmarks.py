@@ -68,3 +68,18 @@ def test_quality_benchmark_trains_both_heads_with_the_same_budget(tmp_path):
     # A rerun finds both runs finished and only re-evaluates them.
     again = quality.main(args)
     assert [r["mIoU"] for r in again] == pytest.approx([r["mIoU"] for r in rows])
+
+
+def test_approx_search_benchmark_reports_recall_and_times():
+    from benchmarks import approx_search
+
+    rows = approx_search.main(
+        ["--preset", "small", "--classes", "64", "--probes", "2", "8", "--size", "32", "32"]
+    )
+    assert {(r["kind"], r["probes"]) for r in rows} == {
+        (kind, probes) for kind in approx_search.KINDS for probes in (2, 8)
+    }
+    # 64 classes make 8 cells: probing all 8 is the exact search.
+    assert all(r["recall"] == 1.0 for r in rows if r["probes"] == 8)
+    assert all(0.0 < r["recall"] < 1.0 for r in rows if r["probes"] == 2)
+    assert all(r["exact_s"] > 0 and r["approx_s"] > 0 for r in rows)
