@@ -50,7 +50,10 @@ Sections:
   first two take an int or ``"auto"`` (the default), resolved by ``losses.loss_plan`` from
   the backend: on CPU 8 MiB and 8 192 pixels (cache-sized; 8 MiB keeps the step's growth with
   C within the class table's own size plus a few MB), on GPU/TPU 1 GiB and 2¹⁸ pixels (few,
-  large kernels).
+  large kernels). ``negatives`` (``nearest_other`` or ``original``),
+  ``separation_refresh_every`` (n: the separation term's nearest-other-class ids are searched
+  exactly on the steps ``step % n == 0`` and carried in the checkpointed train state between;
+  1, the default, searches every step as before).
 * ``optim``: see :func:`jaxscaleseg.optim.make_optimizer`.
 """
 
@@ -142,6 +145,8 @@ def base_config() -> ml_collections.ConfigDict:
     loss.pixels_per_chunk = ml_collections.FieldReference("auto", field_type=object)
     loss.table_gradient = "auto"
     loss.negatives = "nearest_other"
+    # The separation term's nearest-other-class ids searched every n steps (1: every step).
+    loss.separation_refresh_every = 1
 
     o = c.optim = ml_collections.ConfigDict()
     o.name = "sgd"
@@ -333,6 +338,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"loss.negatives must be one of {losses.NEGATIVE_RULES}, got {loss.negatives!r}"
         )
+    refresh = loss.separation_refresh_every
+    if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1:
+        raise ConfigError(f"loss.separation_refresh_every must be an int >= 1, got {refresh!r}")
     if loss.table_gradient not in losses.TABLE_GRADIENTS:
         raise ConfigError(
             f"loss.table_gradient must be one of {losses.TABLE_GRADIENTS}, "

@@ -33,9 +33,14 @@ DATA_AXIS = "data"
 
 
 class TrainState(train_state.TrainState):
-    """``flax`` train state plus the BatchNorm statistics."""
+    """``flax`` train state plus the BatchNorm statistics.
+
+    ``separation_ids``: int32 ``[C]``, the separation term's nearest-other-class ids of the
+    last refresh, when ``loss.separation_refresh_every > 1`` (checkpointed); None otherwise.
+    """
 
     batch_stats: Any = None
+    separation_ids: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +58,8 @@ class LossSpec:
       pixels_per_chunk: pixels per chunk of the ESS loss, or ``"auto"``.
       table_gradient: how row gradients reach the class table (``losses.ess_objective``).
       negatives: how each pixel's k negatives are chosen (``losses.NEGATIVE_RULES``).
+      separation_refresh_every: n, the separation term's nearest-other-class ids are searched
+        on the steps ``step % n == 0`` and carried in the state between (1: every step).
     """
 
     name: str = "ess"
@@ -64,6 +71,14 @@ class LossSpec:
     pixels_per_chunk: int | str = "auto"
     table_gradient: str = "auto"
     negatives: str = "nearest_other"
+    separation_refresh_every: int = 1
+
+    @property
+    def carries_separation_ids(self) -> bool:
+        """The step carries the separation ids in the state (refreshed every n > 1 steps)."""
+        return (
+            self.name == "ess" and self.separation_weight != 0 and self.separation_refresh_every > 1
+        )
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> LossSpec:
@@ -78,6 +93,7 @@ class LossSpec:
             pixels_per_chunk=config.pixels_per_chunk,
             table_gradient=config.table_gradient,
             negatives=config.negatives,
+            separation_refresh_every=int(config.separation_refresh_every),
         )
 
 
@@ -86,6 +102,7 @@ def compute_loss(
     labels: jax.Array,
     spec: LossSpec,
     class_table: jax.Array | None = None,
+    separation_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The configured loss of one batch.
 
@@ -98,6 +115,8 @@ def compute_loss(
         when given, the ESS terms read it and normalise the rows they use, in place of
         ``outputs["class_embedding"]`` (the same values and gradients, without a normalised
         copy of the table or of its gradient: the training step passes it).
+      separation_ids: optional int32 ``[C]``, the separation term's partners
+        (``losses.ess_objective``); None: searched now.
 
     Returns:
       ``(total, parts)``: float32 scalar and a dict of its named scalar terms.
@@ -118,6 +137,7 @@ def compute_loss(
         pixels_per_chunk=spec.pixels_per_chunk,
         table_gradient=spec.table_gradient,
         negatives=spec.negatives,
+        separation_ids=separation_ids,
     )
 
 
@@ -138,6 +158,22 @@ def train_step(
       and ``update_norm``.
     """
     rng = jax.random.fold_in(base_rng, state.step)
+    separation_ids = None
+    if spec.carries_separation_ids:
+        table = state.params.get("class_embedding")
+        if table is None or state.separation_ids is None:
+            raise ValueError(
+                "loss.separation_refresh_every > 1 needs a class_embedding parameter and a state"
+                " made by create_train_state with that config"
+            )
+        separation_ids = losses.refresh_separation_ids(
+            state.separation_ids,
+            table,
+            state.step,
+            spec.separation_refresh_every,
+            normalize_classes=True,
+            max_block_bytes=spec.max_block_bytes,
+        )
 
     def loss_fn(params):
         outputs, updates = state.apply_fn(
@@ -148,7 +184,11 @@ def train_step(
             rngs={"dropout": rng},
         )
         loss, parts = compute_loss(
-            outputs, batch["label"], spec, class_table=params.get("class_embedding")
+            outputs,
+            batch["label"],
+            spec,
+            class_table=params.get("class_embedding"),
+            separation_ids=separation_ids,
         )
         return loss, (parts, updates["batch_stats"])
 
@@ -158,6 +198,8 @@ def train_step(
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats
     )
+    if separation_ids is not None:
+        new_state = new_state.replace(separation_ids=separation_ids)
     out = {
         "loss": loss,
         "grad_norm": optax.tree.norm(grads),
@@ -271,11 +313,16 @@ def create_train_state(
 
         variables = pretrained.merge_backbone(variables, backbone)
     tx = optim.make_optimizer(config.optim, config.num_train_steps)
+    separation_ids = None
+    if LossSpec.from_config(config.loss).carries_separation_ids:
+        # Searched on step 0 (0 % n == 0) before any use.
+        separation_ids = jnp.zeros((config.dataset.num_classes,), jnp.int32)
     return TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
         tx=tx,
         batch_stats=variables.get("batch_stats", {}),
+        separation_ids=separation_ids,
     )
 
 

@@ -214,13 +214,17 @@ def append_metrics(workdir: Path, record: Mapping[str, Any]) -> None:
 
 
 def state_tree(state: Any) -> dict[str, Any]:
-    """The saved part of a train state: ``{"step", "params", "batch_stats", "opt_state"}``."""
-    return {
+    """The saved part of a train state: ``{"step", "params", "batch_stats", "opt_state"}``,
+    and ``"separation_ids"`` where the state carries them (``loss.separation_refresh_every``)."""
+    tree = {
         "step": state.step,
         "params": state.params,
         "batch_stats": state.batch_stats,
         "opt_state": state.opt_state,
     }
+    if getattr(state, "separation_ids", None) is not None:
+        tree["separation_ids"] = state.separation_ids
+    return tree
 
 
 def checkpoint_steps(directory: Path) -> list[int]:

@@ -145,3 +145,53 @@ def test_bad_refresh_period_and_ids_shape_are_named():
         losses.refresh_separation_ids(jnp.zeros(40, jnp.int32), table, 0, 0)
     with pytest.raises(ValueError, match="separation_ids"):
         objective(pixels, labels, table, jnp.zeros(39, jnp.int32))
+
+
+def test_train_step_refreshes_carried_ids_every_n_steps_and_resumes_identically():
+    """The step with ``loss.separation_refresh_every = 3``: ids searched on steps 0 and 3 from
+    the table the step reads, carried in the state, and a mid-interval resume from host copies
+    of the state (as a checkpoint) ends bit-identical."""
+    from test_training import _state_and_batch, tiny_config
+
+    from jaxscaleseg import steps, workdir
+
+    config = tiny_config(**{"loss.separation_refresh_every": 3, "loss.margin": 1.5})
+    state, batch = _state_and_batch(config)
+    assert "separation_ids" in workdir.state_tree(state)
+    spec = steps.LossSpec.from_config(config.loss)
+    step = jax.jit(steps.train_step, static_argnames="spec")
+    key = jax.random.key(1)
+    tables, ids = [], []
+    for _ in range(5):
+        tables.append(np.asarray(state.params["class_embedding"]))
+        state, _ = step(state, batch, key, spec=spec)
+        ids.append(np.asarray(state.separation_ids))
+    for index in range(5):
+        refreshed = tables[index - index % 3]
+        want = losses.nearest_other_classes(refreshed, normalize_classes=True)
+        np.testing.assert_array_equal(ids[index], np.asarray(want))
+    # Resume after step 2 (mid-interval): replay from a host copy of the state at step 2.
+    again, _ = _state_and_batch(config)
+    for _ in range(2):
+        again, _ = step(again, batch, key, spec=spec)
+    saved = jax.tree.map(np.asarray, workdir.state_tree(again))
+    fresh, _ = _state_and_batch(config)
+    resumed = fresh.replace(**jax.tree.map(jnp.asarray, saved))
+    for _ in range(3):
+        resumed, _ = step(resumed, batch, key, spec=spec)
+    for got, want in zip(
+        jax.tree.leaves(workdir.state_tree(resumed)),
+        jax.tree.leaves(workdir.state_tree(state)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_refresh_period_is_checked_in_the_config():
+    from test_training import tiny_config
+
+    from jaxscaleseg import config_schema
+    from jaxscaleseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="loss.separation_refresh_every"):
+        config_schema.validate(tiny_config(**{"loss.separation_refresh_every": 0}))
