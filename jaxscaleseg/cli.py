@@ -1,11 +1,11 @@
 """What every command-line tool shares: the common flags, and one way to run and to fail.
 
-Every CLI (``train``, ``evaluate``, ``predict``, ``data.prepare``) is a module with a thin
-``main(argv)`` over a library function, started by :func:`run` through ``absl.app`` (so
-``--help``, ``--helpshort`` and ``--helpfull`` work). The flags several tools share are defined
-here once (absl flags are global: two modules defining ``--config`` could not be imported
-together); each tool declares the ones it reads as key flags, so its ``--help`` lists them, and
-:func:`check_flags` refuses a shared flag it does not read.
+Every CLI (``train``, ``evaluate``, ``predict``, ``data.prepare``, ``convert_weights``) is a
+module with a thin ``main(argv)`` over a library function, started by :func:`run` through
+``absl.app`` (so ``--help``, ``--helpshort`` and ``--helpfull`` work). The flags several tools
+share are defined here once (absl flags are global: two modules defining ``--config`` could not
+be imported together); each tool declares the ones it reads as key flags, so its ``--help``
+lists them, and :func:`check_flags` refuses a shared flag it does not read.
 
 Failures a user can fix (:class:`jaxscaleseg.errors.UserError`, bad flags, a config file that
 does not load) end with one ``error: ...`` line on stderr and exit status 1.
@@ -40,7 +40,20 @@ FLIP = flags.DEFINE_boolean("flip", None, "Horizontal-flip test-time augmentatio
 SCALES = flags.DEFINE_string(
     "scales", None, "Test scales, comma-separated, or 'common' (0.5,0.75,...,1.75)."
 )
-SHARED_FLAGS = ("config", "workdir", "checkpoint", "mode", "crop_size", "stride", "flip", "scales")
+OUTPUT = flags.DEFINE_string(
+    "output", None, "Where to write: the pictures' directory (predict), the .npz (convert_weights)."
+)
+SHARED_FLAGS = (
+    "config",
+    "workdir",
+    "checkpoint",
+    "mode",
+    "crop_size",
+    "stride",
+    "flip",
+    "scales",
+    "output",
+)
 INFERENCE_FLAGS = ("checkpoint", "mode", "crop_size", "stride", "flip", "scales")
 
 # Errors raised while absl parses the flags: bad values, and a config file that does not load
@@ -139,6 +152,7 @@ __all__ = [
     "CHECKPOINT",
     "CONFIG",
     "INFERENCE_FLAGS",
+    "OUTPUT",
     "SHARED_FLAGS",
     "WORKDIR",
     "call",

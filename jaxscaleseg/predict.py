@@ -29,9 +29,8 @@ from absl import flags
 from jaxscaleseg import cli, inference, prediction
 from jaxscaleseg.errors import UserError
 
-for _name in ("config", "workdir", *cli.INFERENCE_FLAGS):
+for _name in ("config", "workdir", "output", *cli.INFERENCE_FLAGS):
     flags.declare_key_flag(_name)
-_OUTPUT = flags.DEFINE_string("output", None, "Directory for the pictures.")
 _LEGEND = flags.DEFINE_boolean("legend", False, "Also write <stem>_legend.png.")
 _ALPHA = flags.DEFINE_float("alpha", 0.5, "Weight of the colour mask in the overlay.")
 
@@ -39,10 +38,9 @@ _ALPHA = flags.DEFINE_float("alpha", 0.5, "Weight of the colour mask in the over
 def main(argv: list[str]) -> int:
     """Loads the model once and predicts every input named in ``argv``; returns the status."""
     cli.check_flags(
-        used=("config", "workdir", *cli.INFERENCE_FLAGS), required=("config", "workdir")
+        used=("config", "workdir", "output", *cli.INFERENCE_FLAGS),
+        required=("config", "workdir", "output"),
     )
-    if _OUTPUT.value is None:
-        raise UserError("--output required (see --help)")
     if len(argv) < 2:
         raise UserError("name at least one image or directory")
     settings = inference.settings_from_text(cli.CONFIG.value, **cli.inference_flags())
@@ -51,7 +49,7 @@ def main(argv: list[str]) -> int:
         cli.CONFIG.value, cli.WORKDIR.value, cli.CHECKPOINT.value, settings
     )
     _, unreadable = prediction.predict_files(
-        predictor, files, _OUTPUT.value, legend=_LEGEND.value, alpha=_ALPHA.value
+        predictor, files, cli.OUTPUT.value, legend=_LEGEND.value, alpha=_ALPHA.value
     )
     for message in failures + unreadable:
         print(f"error: {message}", file=sys.stderr)

@@ -22,6 +22,7 @@ CLI_MODULES = {
     "jaxscaleseg.evaluate",
     "jaxscaleseg.predict",
     "jaxscaleseg.data.prepare",
+    "jaxscaleseg.convert_weights",
 }
 # Modules that must not import anything above them, and what "above" means for each.
 CORE = ("jaxscaleseg.knn", "jaxscaleseg.losses", "jaxscaleseg.metrics", "jaxscaleseg.labels")

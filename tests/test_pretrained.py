@@ -28,6 +28,7 @@ from models_fixtures import (
     write_safetensors,
 )
 
+from jaxscaleseg import cli, convert_weights
 from jaxscaleseg.models import build_backbone, build_model
 from jaxscaleseg.models import pretrained as P
 
@@ -260,8 +261,8 @@ def test_reads_npz_and_safetensors(tmp_path, fmt):
 def test_cli_converts_and_merges(tmp_path, capsys):
     source, out = tmp_path / "mnv2.npz", tmp_path / "mnv2_backbone.npz"
     np.savez(source, **_state_dict("mobilenet_v2"))
-    args = ["--arch", "mobilenet_v2", "--input", str(source), "--output", str(out)]
-    assert P.main(args) == 0
+    args = ["convert", "--arch", "mobilenet_v2", "--input", str(source), "--output", str(out)]
+    assert cli.call(convert_weights.main, args) == 0
     assert "1,811,712 parameters" in capsys.readouterr().out
     loaded = P.load_backbone_variables(out)
     expected = _converted("mobilenet_v2")
@@ -288,15 +289,16 @@ def test_cli_reports_errors(tmp_path, capsys):
     del sd["features.3.conv.1.1.running_mean"]
     source = tmp_path / "broken.npz"
     np.savez(source, **sd)
-    args = ["--arch", "mobilenet_v2", "--input", str(source), "--output", str(tmp_path / "o.npz")]
-    assert P.main(args) == 1
-    assert "missing key 'features.3.conv.1.1.running_mean'" in capsys.readouterr().err
+    args = ["convert", "--arch", "mobilenet_v2", "--input", str(source)]
+    assert cli.call(convert_weights.main, [*args, "--output", str(tmp_path / "o.npz")]) == 1
+    err = capsys.readouterr().err
+    assert "missing key 'features.3.conv.1.1.running_mean'" in err and err.count("\n") == 1
     assert not (tmp_path / "o.npz").exists()
 
 
 def test_cli_module_runs(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "jaxscaleseg.models.pretrained", "--help"],
+        [sys.executable, "-m", "jaxscaleseg.convert_weights", "--help"],
         capture_output=True,
         text=True,
         check=True,

@@ -23,10 +23,10 @@ fails with a message naming the first one. Layouts are converted: convolution ke
 HWIO (depthwise ``[C, 1, kh, kw]`` → ``[kh, kw, 1, C]``), BatchNorm ``weight``/``bias`` →
 params ``scale``/``bias``, ``running_mean``/``running_var`` → batch_stats ``mean``/``var``.
 
-The CLI converts once and writes an ``.npz`` of the backbone's variables (keys like
-``params/layer1_0/conv1/kernel``)::
+The CLI (:mod:`jaxscaleseg.convert_weights`) converts once and writes an ``.npz`` of the
+backbone's variables (keys like ``params/layer1_0/conv1/kernel``)::
 
-    python -m jaxscaleseg.models.pretrained --arch resnet101 --input resnet101.pth \\
+    python -m jaxscaleseg.convert_weights --arch resnet101 --input resnet101.pth \\
         --output resnet101_imagenet.npz
 
 and training loads it with :func:`load_backbone_variables` and :func:`merge_backbone`.
@@ -34,13 +34,11 @@ and training loads it with :func:`load_backbone_variables` and :func:`merge_back
 
 from __future__ import annotations
 
-import argparse
 import collections
 import io
 import pickle
 import re
 import struct
-import sys
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -514,34 +512,3 @@ def merge_backbone(variables: Mapping[str, Any], backbone: Mapping[str, Any]) ->
         merged = {p: jnp.asarray(source[p], dtype=target[p].dtype) for p in target}
         out[collection]["backbone"] = flax.traverse_util.unflatten_dict(merged)
     return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: converts a torchvision checkpoint into a backbone ``.npz``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m jaxscaleseg.models.pretrained",
-        description="Convert a torchvision ImageNet checkpoint (.pth, .npz or .safetensors state "
-        "dict) into jaxscaleseg backbone variables (.npz).",
-    )
-    parser.add_argument("--arch", required=True, choices=ARCHS)
-    parser.add_argument("--input", required=True, type=Path, help="torchvision state dict")
-    parser.add_argument("--output", required=True, type=Path, help="output .npz")
-    args = parser.parse_args(argv)
-    try:
-        variables = import_torchvision_backbone(args.input, args.arch)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    save_backbone_variables(variables, args.output)
-    counts = {
-        c: sum(v.size for v in jax.tree.leaves(variables[c])) for c in ("params", "batch_stats")
-    }
-    print(
-        f"wrote {args.output}: {args.arch} backbone, {counts['params']:,} parameters, "
-        f"{counts['batch_stats']:,} batch statistics"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,7 +11,7 @@
   (the check torchvision itself does), and it is converted on every start by the torch-free
   reader of :mod:`jaxscaleseg.models.pretrained`. No torch is needed at any point.
 * anything else: a path to backbone variables already converted by
-  ``python -m jaxscaleseg.models.pretrained`` (``.npz``).
+  ``python -m jaxscaleseg.convert_weights`` (``.npz``).
 
 The download comes from ``https://download.pytorch.org/models/`` unless ``$JAXSCALESEG_WEIGHTS_URL``
 (or the ``base_url`` argument) names another base URL, e.g. a local mirror. On a machine without
@@ -247,7 +247,7 @@ def load_backbone(
         raise WeightsError(
             f"no such file {value}; name official weights instead (e.g. "
             f"'{PREFIX}{arch}'), convert a checkpoint with `python -m "
-            f"jaxscaleseg.models.pretrained --arch {arch} --input {arch}.pth --output {value}`, "
+            f"jaxscaleseg.convert_weights --arch {arch} --input {arch}.pth --output {value}`, "
             "or pass --config.model.pretrained='' to train from scratch"
         )
     return pretrained.load_backbone_variables(path)
