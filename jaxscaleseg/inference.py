@@ -42,7 +42,7 @@ from jax import lax
 from jaxscaleseg import knn, steps
 from jaxscaleseg import workdir as workdir_lib
 from jaxscaleseg.data import augment, sources, synthetic
-from jaxscaleseg.errors import ModelMismatchError, UserError, one_line
+from jaxscaleseg.errors import UserError, one_line
 from jaxscaleseg.models import build_model, l2_normalize
 from jaxscaleseg.models.layers import resize_bilinear
 
@@ -507,7 +507,7 @@ class Predictor:
         stored = workdir_lib.read_model_args(workdir)
         model = build_model(**(stored or expected))
         if stored is None:  # no model.json: the checkpoint's shapes are the only witness
-            check_variable_shapes(model, variables, workdir)
+            steps.check_variable_shapes(model, variables, workdir)
         names, palette = sources.class_info(config, model.num_classes)
         return cls(
             model,
@@ -549,33 +549,6 @@ class Predictor:
         return labels[0] if single else labels
 
 
-def check_variable_shapes(
-    model: nn.Module, variables: Mapping[str, Any], workdir: str | os.PathLike
-) -> None:
-    """Refuses variables whose shapes are not the model's (e.g. another class count).
-
-    Raises:
-      ModelMismatchError: naming the first differing variable and both shapes.
-    """
-    expected = jax.eval_shape(
-        lambda: model.init(
-            {"params": jax.random.key(0)}, jnp.zeros((1, 64, 64, 3), jnp.float32), train=False
-        )
-    )
-    got = {
-        jax.tree_util.keystr(p): tuple(np.shape(v))
-        for p, v in jax.tree_util.tree_flatten_with_path(dict(variables))[0]
-    }
-    for path, leaf in jax.tree_util.tree_flatten_with_path(dict(expected))[0]:
-        key = jax.tree_util.keystr(path)
-        if key in got and got[key] != tuple(leaf.shape):
-            raise ModelMismatchError(
-                f"workdir {workdir} holds a checkpoint of another model: {key} is {got[key]} "
-                f"there but {tuple(leaf.shape)} in the config's model (the workdir has no "
-                "model.json to say which); use the run's config"
-            )
-
-
 def describe(settings: InferenceSettings) -> str:
     """A short human-readable summary of the settings, e.g. ``slide 512x512/341x341 flip``."""
     parts = ["whole"]
@@ -593,7 +566,6 @@ __all__ = [
     "COMMON_SCALES",
     "InferenceSettings",
     "Predictor",
-    "check_variable_shapes",
     "describe",
     "features_to_labels",
     "infer_features",

@@ -26,7 +26,7 @@ from flax.training import train_state
 from jax.sharding import NamedSharding
 
 from jaxscaleseg import knn, losses, metrics, optim
-from jaxscaleseg.errors import ConfigError
+from jaxscaleseg.errors import ConfigError, ModelMismatchError
 from jaxscaleseg.models import build_model
 
 DATA_AXIS = "data"
@@ -287,6 +287,32 @@ def make_model(config: ml_collections.ConfigDict):
     return build_model(**model_args(config))
 
 
+def check_variable_shapes(model: Any, variables: Mapping[str, Any], workdir: Any) -> None:
+    """Refuses a checkpoint's variables whose shapes are not the flax ``model``'s (another class
+    count, in a workdir without ``model.json``).
+
+    Raises:
+      ModelMismatchError: naming the first differing variable and both shapes.
+    """
+    expected = jax.eval_shape(
+        lambda: model.init(
+            {"params": jax.random.key(0)}, jnp.zeros((1, 64, 64, 3), jnp.float32), train=False
+        )
+    )
+    got = {
+        jax.tree_util.keystr(p): tuple(np.shape(v))
+        for p, v in jax.tree_util.tree_flatten_with_path(dict(variables))[0]
+    }
+    for path, leaf in jax.tree_util.tree_flatten_with_path(dict(expected))[0]:
+        key = jax.tree_util.keystr(path)
+        if key in got and got[key] != tuple(leaf.shape):
+            raise ModelMismatchError(
+                f"workdir {workdir} holds a checkpoint of another model: {key} is {got[key]} "
+                f"there but {tuple(leaf.shape)} in the config's model (the workdir has no "
+                "model.json to say which); use the run's config"
+            )
+
+
 def create_train_state(
     config: ml_collections.ConfigDict,
     rng: jax.Array,
@@ -360,6 +386,7 @@ __all__ = [
     "TrainState",
     "abstract_train_state",
     "compute_loss",
+    "check_variable_shapes",
     "create_train_state",
     "eval_step",
     "make_mesh",

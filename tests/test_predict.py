@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -274,3 +275,16 @@ def test_plot_metrics_script_writes_png(tmp_path):
     with Image.open(tmp_path / "training_curves.png") as picture:
         assert picture.size[0] > 100
     assert module.main(["--workdir", str(tmp_path / "none")]) == 1
+
+
+def test_other_class_count_without_model_json_is_one_error(workdir, tmp_path):
+    """Without ``model.json`` the model comes from the config: a checkpoint of another class
+    count used to fail deep inside flax with a shape traceback."""
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    (copy / "model.json").unlink()
+    other = _config()
+    other.dataset.num_classes = NUM_CLASSES + 1
+    with pytest.raises(ModelMismatchError, match="class_embedding.*no model.json"):
+        inference.Predictor.from_workdir(other, copy, "latest")
+    assert inference.Predictor.from_workdir(_config(), copy, "latest").num_classes == NUM_CLASSES
