@@ -53,7 +53,10 @@ Sections:
   large kernels). ``negatives`` (``nearest_other`` or ``original``),
   ``separation_refresh_every`` (n: the separation term's nearest-other-class ids are searched
   exactly on the steps ``step % n == 0`` and carried in the checkpointed train state between;
-  1, the default, searches every step as before).
+  1, the default, searches every step as before), ``search`` (``exact``, ``approximate`` or
+  ``auto``: the pixels' nearest-class search; ``auto`` is exact until
+  ``knn_index.AUTO_APPROXIMATE_MIN_CLASSES`` is measured), ``search_probes`` (cells probed per
+  pixel) and ``index_refresh_every`` (steps between rebuilds of the checkpointed index).
 * ``optim``: see :func:`jaxscaleseg.optim.make_optimizer`.
 """
 
@@ -64,7 +67,7 @@ from pathlib import Path
 
 import ml_collections
 
-from jaxscaleseg import losses
+from jaxscaleseg import knn_index, losses
 from jaxscaleseg.data import augment, pipeline, splits, synthetic
 from jaxscaleseg.errors import ConfigError
 from jaxscaleseg.models import BACKBONES, OUTPUT_STRIDES
@@ -147,6 +150,11 @@ def base_config() -> ml_collections.ConfigDict:
     loss.negatives = "nearest_other"
     # The separation term's nearest-other-class ids searched every n steps (1: every step).
     loss.separation_refresh_every = 1
+    # The pixels' nearest-class search: "exact", "approximate" (knn_index) or "auto" (exact
+    # until benchmarks/approx_search.py has set knn_index.AUTO_APPROXIMATE_MIN_CLASSES).
+    loss.search = "auto"
+    loss.search_probes = 8
+    loss.index_refresh_every = 10
 
     o = c.optim = ml_collections.ConfigDict()
     o.name = "sgd"
@@ -341,6 +349,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
     refresh = loss.separation_refresh_every
     if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1:
         raise ConfigError(f"loss.separation_refresh_every must be an int >= 1, got {refresh!r}")
+    if loss.search not in knn_index.SEARCH_MODES:
+        raise ConfigError(
+            f"loss.search must be one of {knn_index.SEARCH_MODES}, got {loss.search!r}"
+        )
+    for key in ("search_probes", "index_refresh_every"):
+        value = loss[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"loss.{key} must be an int >= 1, got {value!r}")
+    if knn_index.resolve_search(loss.search, d.num_classes) == "approximate":
+        cells, _ = knn_index.index_shape(d.num_classes)
+        if loss.search_probes > cells:
+            raise ConfigError(
+                f"loss.search_probes={loss.search_probes} exceeds the index's {cells} cells"
+                f" at num_classes={d.num_classes}"
+            )
     if loss.table_gradient not in losses.TABLE_GRADIENTS:
         raise ConfigError(
             f"loss.table_gradient must be one of {losses.TABLE_GRADIENTS}, "

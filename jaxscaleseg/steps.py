@@ -25,7 +25,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import NamedSharding
 
-from jaxscaleseg import knn, losses, metrics, optim
+from jaxscaleseg import knn, knn_index, losses, metrics, optim
 from jaxscaleseg.errors import ConfigError, ModelMismatchError
 from jaxscaleseg.models import build_model
 
@@ -37,10 +37,14 @@ class TrainState(train_state.TrainState):
 
     ``separation_ids``: int32 ``[C]``, the separation term's nearest-other-class ids of the
     last refresh, when ``loss.separation_refresh_every > 1`` (checkpointed); None otherwise.
+    ``class_index``: ``{"centroids": float32 [M, D], "members": int32 [M, S]}``, the
+    approximate search's index of the last rebuild (``knn_index.ClassIndex``), when the loss
+    searches approximately (checkpointed); None otherwise.
     """
 
     batch_stats: Any = None
     separation_ids: Any = None
+    class_index: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +64,11 @@ class LossSpec:
       negatives: how each pixel's k negatives are chosen (``losses.NEGATIVE_RULES``).
       separation_refresh_every: n, the separation term's nearest-other-class ids are searched
         on the steps ``step % n == 0`` and carried in the state between (1: every step).
+      search: the pixels' nearest-class search, ``"exact"``, ``"approximate"`` or ``"auto"``
+        (``knn_index.resolve_search``).
+      search_probes: cells probed per pixel by the approximate search.
+      index_refresh_every: the approximate search's index is rebuilt on the steps
+        ``step % n == 0``.
     """
 
     name: str = "ess"
@@ -72,6 +81,15 @@ class LossSpec:
     table_gradient: str = "auto"
     negatives: str = "nearest_other"
     separation_refresh_every: int = 1
+    search: str = "auto"
+    search_probes: int = knn_index.DEFAULT_PROBES
+    index_refresh_every: int = 10
+
+    def approximate(self, num_classes: int) -> bool:
+        """The ESS negatives come from the approximate search (``knn_index``)."""
+        return self.name == "ess" and knn_index.resolve_search(self.search, num_classes) == (
+            "approximate"
+        )
 
     @property
     def carries_separation_ids(self) -> bool:
@@ -94,6 +112,9 @@ class LossSpec:
             table_gradient=config.table_gradient,
             negatives=config.negatives,
             separation_refresh_every=int(config.separation_refresh_every),
+            search=config.search,
+            search_probes=int(config.search_probes),
+            index_refresh_every=int(config.index_refresh_every),
         )
 
 
@@ -103,6 +124,7 @@ def compute_loss(
     spec: LossSpec,
     class_table: jax.Array | None = None,
     separation_ids: jax.Array | None = None,
+    neighbor_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The configured loss of one batch.
 
@@ -117,6 +139,8 @@ def compute_loss(
         copy of the table or of its gradient: the training step passes it).
       separation_ids: optional int32 ``[C]``, the separation term's partners
         (``losses.ess_objective``); None: searched now.
+      neighbor_ids: optional int32 ``[B, H, W, k]``, each pixel's negatives found elsewhere
+        (the approximate search); None: the exact search.
 
     Returns:
       ``(total, parts)``: float32 scalar and a dict of its named scalar terms.
@@ -138,6 +162,7 @@ def compute_loss(
         table_gradient=spec.table_gradient,
         negatives=spec.negatives,
         separation_ids=separation_ids,
+        neighbor_ids=neighbor_ids,
     )
 
 
@@ -175,6 +200,20 @@ def train_step(
             max_block_bytes=spec.max_block_bytes,
         )
 
+    class_index = None
+    if state.class_index is not None:
+        table = state.params["class_embedding"]
+        if not spec.approximate(table.shape[0]):
+            raise ValueError("the state carries a class index but loss.search is exact")
+        class_index = knn_index.refresh_index(
+            knn_index.ClassIndex(**state.class_index),
+            table,
+            state.step,
+            spec.index_refresh_every,
+            num_cells=state.class_index["members"].shape[0],
+            normalize_classes=True,
+        )
+
     def loss_fn(params):
         outputs, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats},
@@ -189,6 +228,18 @@ def train_step(
             spec,
             class_table=params.get("class_embedding"),
             separation_ids=separation_ids,
+            neighbor_ids=None
+            if class_index is None
+            else knn_index.approximate_nearest_class_ids(
+                outputs["pixel_embedding"],
+                params["class_embedding"],
+                class_index,
+                spec.num_neighbors,
+                probes=spec.search_probes,
+                exclude=batch["label"],
+                normalize_classes=True,
+                max_block_bytes=spec.max_block_bytes,
+            ),
         )
         return loss, (parts, updates["batch_stats"])
 
@@ -200,6 +251,8 @@ def train_step(
     )
     if separation_ids is not None:
         new_state = new_state.replace(separation_ids=separation_ids)
+    if class_index is not None:
+        new_state = new_state.replace(class_index=class_index._asdict())
     out = {
         "loss": loss,
         "grad_norm": optax.tree.norm(grads),
@@ -343,12 +396,20 @@ def create_train_state(
     if LossSpec.from_config(config.loss).carries_separation_ids:
         # Searched on step 0 (0 % n == 0) before any use.
         separation_ids = jnp.zeros((config.dataset.num_classes,), jnp.int32)
+    class_index = None
+    if LossSpec.from_config(config.loss).approximate(config.dataset.num_classes):
+        if config.loss.negatives != "nearest_other":
+            raise ConfigError("loss.search='approximate' takes loss.negatives='nearest_other'")
+        class_index = knn_index.build_index(
+            variables["params"]["class_embedding"], normalize_classes=True
+        )._asdict()
     return TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
         tx=tx,
         batch_stats=variables.get("batch_stats", {}),
         separation_ids=separation_ids,
+        class_index=class_index,
     )
 
 

@@ -215,15 +215,17 @@ def append_metrics(workdir: Path, record: Mapping[str, Any]) -> None:
 
 def state_tree(state: Any) -> dict[str, Any]:
     """The saved part of a train state: ``{"step", "params", "batch_stats", "opt_state"}``,
-    and ``"separation_ids"`` where the state carries them (``loss.separation_refresh_every``)."""
+    and ``"separation_ids"`` / ``"class_index"`` where the state carries them
+    (``loss.separation_refresh_every``, ``loss.search``)."""
     tree = {
         "step": state.step,
         "params": state.params,
         "batch_stats": state.batch_stats,
         "opt_state": state.opt_state,
     }
-    if getattr(state, "separation_ids", None) is not None:
-        tree["separation_ids"] = state.separation_ids
+    for carried in ("separation_ids", "class_index"):  # present where the config uses them
+        if getattr(state, carried, None) is not None:
+            tree[carried] = getattr(state, carried)
     return tree
 
 

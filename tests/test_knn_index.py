@@ -147,3 +147,36 @@ def test_search_modes_and_bad_arguments_are_named():
         knn_index.approximate_nearest_class_ids(classes, classes, index, 2, probes=5)
     with pytest.raises(ValueError, match="k=10"):
         knn_index.approximate_nearest_class_ids(classes, classes, index, 10, probes=1)
+
+
+def test_train_step_with_the_approximate_search_carries_its_index():
+    """``loss.search = "approximate"``: the index is built at init, rebuilt on steps 0 and 2
+    (``index_refresh_every = 2``) from the table the step reads, checkpointed with the state;
+    probing every cell gives the exact step's loss."""
+    from test_training import _state_and_batch, tiny_config
+
+    from jaxscaleseg import steps, workdir
+
+    overrides = {"loss.search": "approximate", "loss.index_refresh_every": 2}
+    config = tiny_config(**overrides, **{"loss.search_probes": 4})  # 30 classes: 4 cells
+    state, batch = _state_and_batch(config)
+    assert set(workdir.state_tree(state)["class_index"]) == {"centroids", "members"}
+    spec = steps.LossSpec.from_config(config.loss)
+    step = jax.jit(steps.train_step, static_argnames="spec")
+    exact_state, _ = _state_and_batch(tiny_config())
+    exact_spec = steps.LossSpec.from_config(tiny_config().loss)
+    key = jax.random.key(1)
+    tables = []
+    for _ in range(3):
+        tables.append(state.params["class_embedding"])
+        state, out = step(state, batch, key, spec=spec)
+        exact_state, exact_out = step(exact_state, batch, key, spec=exact_spec)
+        # Every cell probed: the exact negatives, so the same loss (float32 reassociation).
+        np.testing.assert_allclose(float(out["loss"]), float(exact_out["loss"]), rtol=1e-5)
+    want = knn_index.build_index(tables[2], num_cells=4, normalize_classes=True)
+    np.testing.assert_array_equal(np.asarray(state.class_index["members"]), want.members)
+    from jaxscaleseg import config_schema
+    from jaxscaleseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="search_probes=5"):
+        config_schema.validate(tiny_config(**overrides, **{"loss.search_probes": 5}))
