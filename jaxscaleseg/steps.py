@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding
 
 from jaxscaleseg import knn, knn_index, losses, metrics, optim
 from jaxscaleseg.errors import ConfigError, ModelMismatchError
-from jaxscaleseg.models import build_model
+from jaxscaleseg.models import build_model, first_shape_difference
 
 DATA_AXIS = "data"
 
@@ -356,14 +356,14 @@ def check_variable_shapes(model: Any, variables: Mapping[str, Any], workdir: Any
         jax.tree_util.keystr(p): tuple(np.shape(v))
         for p, v in jax.tree_util.tree_flatten_with_path(dict(variables))[0]
     }
-    for path, leaf in jax.tree_util.tree_flatten_with_path(dict(expected))[0]:
-        key = jax.tree_util.keystr(path)
-        if key in got and got[key] != tuple(leaf.shape):
-            raise ModelMismatchError(
-                f"workdir {workdir} holds a checkpoint of another model: {key} is {got[key]} "
-                f"there but {tuple(leaf.shape)} in the config's model (the workdir has no "
-                "model.json to say which); use the run's config"
-            )
+    difference = first_shape_difference(got, dict(expected))
+    if difference is not None:
+        key, there, here = difference
+        raise ModelMismatchError(
+            f"workdir {workdir} holds a checkpoint of another model: {key} is {there} there "
+            f"but {here} in the config's model (the workdir has no model.json to say which); "
+            "use the run's config"
+        )
 
 
 def create_train_state(

@@ -43,6 +43,7 @@ from jaxscaleseg.errors import (
     WorkdirError,
     one_line,
 )
+from jaxscaleseg.models import first_shape_difference
 
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
@@ -508,14 +509,13 @@ def _check_shapes(manager: ocp.CheckpointManager, step: int, abstract: Any, work
         }
     except Exception:  # noqa: BLE001 (no readable metadata: the restore itself decides)
         return
-    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-        key = jax.tree_util.keystr(path)
-        if key in stored_shapes and stored_shapes[key] != tuple(leaf.shape):
-            raise ModelMismatchError(
-                f"workdir {workdir} holds a checkpoint of another model: {key} is "
-                f"{stored_shapes[key]} there but {tuple(leaf.shape)} in the config's model; "
-                "use another --workdir"
-            )
+    difference = first_shape_difference(stored_shapes, abstract)
+    if difference is not None:
+        key, there, here = difference
+        raise ModelMismatchError(
+            f"workdir {workdir} holds a checkpoint of another model: {key} is {there} there "
+            f"but {here} in the config's model; use another --workdir"
+        )
 
 
 class RunLock:

@@ -17,7 +17,11 @@ ImageNet weights for the backbone: :mod:`jaxscaleseg.models.pretrained`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jaxscaleseg.models.deeplabv3plus import HEADS, DeepLabV3Plus, l2_normalize
@@ -41,6 +45,7 @@ __all__ = [
     "TinyBackbone",
     "build_backbone",
     "build_model",
+    "first_shape_difference",
     "l2_normalize",
 ]
 
@@ -151,3 +156,22 @@ def build_model(
         dtype=dtype,
         center_embedding=center_embedding,
     )
+
+
+def first_shape_difference(
+    stored: Mapping[str, tuple[int, ...]], expected: Any
+) -> tuple[str, tuple[int, ...], tuple[int, ...]] | None:
+    """The first variable whose stored shape differs from the model's.
+
+    Args:
+      stored: ``jax.tree_util.keystr`` path -> shape of the saved arrays.
+      expected: the model's variables (arrays or ``ShapeDtypeStruct`` leaves), same nesting.
+
+    Returns:
+      ``(path, stored shape, expected shape)``, or None when every shared path agrees.
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]:
+        key = jax.tree_util.keystr(path)
+        if key in stored and tuple(stored[key]) != tuple(leaf.shape):
+            return key, tuple(stored[key]), tuple(leaf.shape)
+    return None
