@@ -166,6 +166,45 @@ def compute_loss(
     )
 
 
+def _refreshed_separation_ids(state: TrainState, spec: LossSpec) -> jax.Array | None:
+    """The separation ids this step uses (refreshed every ``separation_refresh_every`` steps),
+    or None when the state carries none."""
+    if not spec.carries_separation_ids:
+        return None
+    table = state.params.get("class_embedding")
+    if table is None or state.separation_ids is None:
+        raise ValueError(
+            "loss.separation_refresh_every > 1 needs a class_embedding parameter and a state"
+            " made by create_train_state with that config"
+        )
+    return losses.refresh_separation_ids(
+        state.separation_ids,
+        table,
+        state.step,
+        spec.separation_refresh_every,
+        normalize_classes=True,
+        max_block_bytes=spec.max_block_bytes,
+    )
+
+
+def _refreshed_class_index(state: TrainState, spec: LossSpec) -> Any:
+    """The approximate search's index this step uses (rebuilt every ``index_refresh_every``
+    steps), or None when the state carries none."""
+    if state.class_index is None:
+        return None
+    table = state.params["class_embedding"]
+    if not spec.approximate(table.shape[0]):
+        raise ValueError("the state carries a class index but loss.search is exact")
+    return knn_index.refresh_index(
+        knn_index.ClassIndex(**state.class_index),
+        table,
+        state.step,
+        spec.index_refresh_every,
+        num_cells=state.class_index["members"].shape[0],
+        normalize_classes=True,
+    )
+
+
 def train_step(
     state: TrainState, batch: Mapping[str, jax.Array], base_rng: jax.Array, spec: LossSpec
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -183,36 +222,8 @@ def train_step(
       and ``update_norm``.
     """
     rng = jax.random.fold_in(base_rng, state.step)
-    separation_ids = None
-    if spec.carries_separation_ids:
-        table = state.params.get("class_embedding")
-        if table is None or state.separation_ids is None:
-            raise ValueError(
-                "loss.separation_refresh_every > 1 needs a class_embedding parameter and a state"
-                " made by create_train_state with that config"
-            )
-        separation_ids = losses.refresh_separation_ids(
-            state.separation_ids,
-            table,
-            state.step,
-            spec.separation_refresh_every,
-            normalize_classes=True,
-            max_block_bytes=spec.max_block_bytes,
-        )
-
-    class_index = None
-    if state.class_index is not None:
-        table = state.params["class_embedding"]
-        if not spec.approximate(table.shape[0]):
-            raise ValueError("the state carries a class index but loss.search is exact")
-        class_index = knn_index.refresh_index(
-            knn_index.ClassIndex(**state.class_index),
-            table,
-            state.step,
-            spec.index_refresh_every,
-            num_cells=state.class_index["members"].shape[0],
-            normalize_classes=True,
-        )
+    separation_ids = _refreshed_separation_ids(state, spec)
+    class_index = _refreshed_class_index(state, spec)
 
     def loss_fn(params):
         outputs, updates = state.apply_fn(
