@@ -335,7 +335,7 @@ def piece_loss(
     import jax  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
-    from jaxscaleseg import losses  # noqa: PLC0415
+    from jaxscaleseg import loss_plan, losses  # noqa: PLC0415
 
     rng = np.random.default_rng(0)
     shape = (preset.batch, preset.size, preset.size)
@@ -363,7 +363,7 @@ def piece_loss(
     start = time.perf_counter()
     compiled = fn.lower(pixels, labels, table).compile()
     compile_s = time.perf_counter() - start
-    plan = losses.loss_plan(None, num_classes, table_gradient=table_gradient)
+    plan = loss_plan.loss_plan(None, num_classes, table_gradient=table_gradient)
     with device_lock(scratch_dir):
         args = tuple(jax.device_put(a) for a in (pixels, labels, table))
         seconds = _median_seconds(compiled, args, preset.repeats)
@@ -402,7 +402,7 @@ def piece_step(
     import numpy as np  # noqa: PLC0415
 
     from benchmarks import scaling  # noqa: PLC0415
-    from jaxscaleseg import losses, optim  # noqa: PLC0415
+    from jaxscaleseg import loss_plan, optim  # noqa: PLC0415
 
     try:  # the steps' own module once training.py is split (it imports no input pipeline)
         from jaxscaleseg import steps as training  # noqa: PLC0415
@@ -458,7 +458,7 @@ def piece_step(
         **_compiled_peak(compiled),
     }
     if head == "ess":
-        row["plan"] = dataclasses.asdict(losses.loss_plan(None, num_classes))
+        row["plan"] = dataclasses.asdict(loss_plan.loss_plan(None, num_classes))
     row["fits"] = row["compiled_peak_mb"] * 2**20 < 0.9 * scaling.device_memory_bytes()
     if not row["fits"]:
         append_row(output_dir, row)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxscaleseg import knn, losses
+from jaxscaleseg import knn, loss_plan, losses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,16 +298,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--max_block_mb",
         default=str(knn.DEFAULT_MAX_BLOCK_BYTES // 2**20),
-        help="block budget of the ESS search (MiB), or 'auto' (by backend: losses.loss_plan)",
+        help="block budget of the ESS search (MiB), or 'auto' (by backend: loss_plan.loss_plan)",
     )
     parser.add_argument(
         "--pixels_per_chunk",
         default="8192",
-        help="pixels per chunk of the ESS loss, or 'auto' (by backend: losses.loss_plan)",
+        help="pixels per chunk of the ESS loss, or 'auto' (by backend: loss_plan.loss_plan)",
     )
     parser.add_argument(
         "--table_gradient",
-        choices=losses.TABLE_GRADIENTS,
+        choices=loss_plan.TABLE_GRADIENTS,
         default="auto",
         help="how row gradients reach the class table (losses.ess_objective)",
     )

@@ -47,7 +47,7 @@ Sections:
   searches: the largest queries×classes block), ``pixels_per_chunk`` (pixels per chunk of the
   ESS loss), ``table_gradient`` (``auto``, ``scatter``, ``sorted``, ``matmul`` or
   ``segment``: how row gradients reach the class table, see ``losses.ess_objective``). The
-  first two take an int or ``"auto"`` (the default), resolved by ``losses.loss_plan`` from
+  first two take an int or ``"auto"`` (the default), resolved by ``loss_plan.loss_plan`` from
   the backend: on CPU 8 MiB and 8 192 pixels (cache-sized; 8 MiB keeps the step's growth with
   C within the class table's own size plus a few MB), on GPU/TPU 1 GiB and 2¹⁸ pixels (few,
   large kernels). ``negatives`` (``nearest_other`` or ``original``),
@@ -67,7 +67,7 @@ from pathlib import Path
 
 import ml_collections
 
-from jaxscaleseg import knn_index, losses
+from jaxscaleseg import knn_index, loss_plan, negatives
 from jaxscaleseg.data import augment, pipeline, splits, synthetic
 from jaxscaleseg.errors import ConfigError
 from jaxscaleseg.models import BACKBONES, OUTPUT_STRIDES
@@ -342,9 +342,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"loss.num_neighbors must be in 1..num_classes-1={d.num_classes - 1}, "
             f"got {loss.num_neighbors}"
         )
-    if loss.negatives not in losses.NEGATIVE_RULES:
+    if loss.negatives not in negatives.NEGATIVE_RULES:
         raise ConfigError(
-            f"loss.negatives must be one of {losses.NEGATIVE_RULES}, got {loss.negatives!r}"
+            f"loss.negatives must be one of {negatives.NEGATIVE_RULES}, got {loss.negatives!r}"
         )
     refresh = loss.separation_refresh_every
     if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1:
@@ -364,9 +364,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 f"loss.search_probes={loss.search_probes} exceeds the index's {cells} cells"
                 f" at num_classes={d.num_classes}"
             )
-    if loss.table_gradient not in losses.TABLE_GRADIENTS:
+    if loss.table_gradient not in loss_plan.TABLE_GRADIENTS:
         raise ConfigError(
-            f"loss.table_gradient must be one of {losses.TABLE_GRADIENTS}, "
+            f"loss.table_gradient must be one of {loss_plan.TABLE_GRADIENTS}, "
             f"got {loss.table_gradient!r}"
         )
     _auto_or_int(d.worker_count, "dataset.worker_count", 0)

@@ -25,7 +25,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import NamedSharding
 
-from jaxscaleseg import knn, knn_index, losses, metrics, optim
+from jaxscaleseg import knn, knn_index, losses, metrics, nearest_other, optim
 from jaxscaleseg.errors import ConfigError, ModelMismatchError
 from jaxscaleseg.models import build_model, first_shape_difference
 
@@ -58,10 +58,10 @@ class LossSpec:
       margin: separation margin.
       separation_weight: weight of ``separation_loss``.
       max_block_bytes: memory budget of the nearest-class searches (the largest
-        queries×classes block held at once), or ``"auto"`` (``losses.loss_plan``).
+        queries×classes block held at once), or ``"auto"`` (``loss_plan.loss_plan``).
       pixels_per_chunk: pixels per chunk of the ESS loss, or ``"auto"``.
       table_gradient: how row gradients reach the class table (``losses.ess_objective``).
-      negatives: how each pixel's k negatives are chosen (``losses.NEGATIVE_RULES``).
+      negatives: how each pixel's k negatives are chosen (``negatives.NEGATIVE_RULES``).
       separation_refresh_every: n, the separation term's nearest-other-class ids are searched
         on the steps ``step % n == 0`` and carried in the state between (1: every step).
       search: the pixels' nearest-class search, ``"exact"``, ``"approximate"`` or ``"auto"``
@@ -177,7 +177,7 @@ def _refreshed_separation_ids(state: TrainState, spec: LossSpec) -> jax.Array | 
             "loss.separation_refresh_every > 1 needs a class_embedding parameter and a state"
             " made by create_train_state with that config"
         )
-    return losses.refresh_separation_ids(
+    return nearest_other.refresh_separation_ids(
         state.separation_ids,
         table,
         state.step,

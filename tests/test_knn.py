@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import reference
 
-from jaxscaleseg import knn
+from jaxscaleseg import knn, selection
 
 
 def random_embeddings(seed, num_queries, num_classes, dim):
@@ -189,7 +189,7 @@ def test_k_smallest_reduction_with_ties_and_infinities(maybe_jit, k, n):
     values[rng.random((50, n)) < 0.3] = np.inf
     values[0] = np.inf  # a row with nothing finite
     ids = rng.permutation(50 * n).reshape(50, n).astype(np.int32)
-    got_values, got_ids = maybe_jit(lambda v, i: knn._k_smallest(v, i, k))(values, ids)
+    got_values, got_ids = maybe_jit(lambda v, i: selection.k_smallest(v, i, k))(values, ids)
     order = np.argsort(values, axis=1, kind="stable")[:, :k]  # stable: earlier entry first
     want_values = np.take_along_axis(values, order, axis=1)
     want_ids = np.where(np.isinf(want_values), -1, np.take_along_axis(ids, order, axis=1))

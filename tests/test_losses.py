@@ -7,7 +7,7 @@ import pytest
 import reference
 from test_knn import random_embeddings
 
-from jaxscaleseg import knn, losses
+from jaxscaleseg import class_rows, knn, loss_plan, losses, negatives
 from jaxscaleseg.labels import check_labels
 
 
@@ -110,7 +110,7 @@ def test_original_negative_rule_matches_reference(maybe_jit, seed, num_classes, 
 def test_original_rule_replaces_the_target_only():
     neighbors = jnp.asarray([[3, 1, 2], [0, 4, 5], [6, 7, 8]], jnp.int32)
     targets = jnp.asarray([1, 0, 9], jnp.int32)
-    out = losses.original_rule_negatives(neighbors, targets)
+    out = negatives.original_rule_negatives(neighbors, targets)
     np.testing.assert_array_equal(np.asarray(out), [[3, 0, 2], [0, 4, 5], [6, 7, 8]])
 
 
@@ -345,18 +345,20 @@ def test_ess_objective_without_separation_reports_zero():
 
 def test_loss_plan_by_backend():
     # CPU: exactly the sizes the CPU benchmarks were measured with.
-    cpu = losses.loss_plan("cpu", 1284)
-    assert cpu == losses.LossPlan(8 * 2**20, 8192, "scatter", "pyramid")
+    cpu = loss_plan.loss_plan("cpu", 1284)
+    assert cpu == loss_plan.LossPlan(8 * 2**20, 8192, "scatter", "pyramid")
     # GPU/TPU: GiB blocks, 2¹⁸-pixel chunks, top_k, and no contended atomics.
     for backend in ("gpu", "tpu"):
-        assert losses.loss_plan(backend, 1284) == losses.LossPlan(2**30, 2**18, "matmul", "top_k")
-        assert losses.loss_plan(backend, 100_000).table_gradient == "segment"
-    given = losses.loss_plan(
+        assert loss_plan.loss_plan(backend, 1284) == loss_plan.LossPlan(
+            2**30, 2**18, "matmul", "top_k"
+        )
+        assert loss_plan.loss_plan(backend, 100_000).table_gradient == "segment"
+    given = loss_plan.loss_plan(
         "gpu", 19, max_block_bytes=2**20, pixels_per_chunk=100, table_gradient="scatter"
     )
-    assert given == losses.LossPlan(2**20, 100, "scatter", "top_k")
+    assert given == loss_plan.LossPlan(2**20, 100, "scatter", "top_k")
     with pytest.raises(ValueError, match="pixels_per_chunk='many'"):
-        losses.loss_plan("cpu", 19, pixels_per_chunk="many")
+        loss_plan.loss_plan("cpu", 19, pixels_per_chunk="many")
 
 
 @pytest.mark.parametrize("table_gradient", ["scatter", "sorted", "matmul", "segment"])
@@ -401,11 +403,11 @@ def test_table_gradients_and_searches_match_reference(table_gradient, search_met
     )
 
 
-@pytest.mark.parametrize("matmul_max_classes", [losses.MATMUL_MAX_CLASSES, 100])
+@pytest.mark.parametrize("matmul_max_classes", [loss_plan.MATMUL_MAX_CLASSES, 100])
 def test_gpu_sized_plan_runs_on_cpu_and_matches_reference(monkeypatch, matmul_max_classes):
     """The plan a GPU gets (1 GiB blocks, 2¹⁸-pixel chunks, top_k, matmul or segment), run here."""
-    monkeypatch.setattr(losses, "MATMUL_MAX_CLASSES", matmul_max_classes)
-    plan = losses.loss_plan("gpu", 300)
+    monkeypatch.setattr(loss_plan, "MATMUL_MAX_CLASSES", matmul_max_classes)
+    plan = loss_plan.loss_plan("gpu", 300)
     assert plan.table_gradient == ("matmul" if matmul_max_classes > 300 else "segment")
     pixels, unit, rng = random_embeddings(50, 2000, 300, 8)
     raw = unit * rng.uniform(0.5, 2.0, (300, 1)).astype(np.float32)
@@ -446,7 +448,7 @@ def test_add_rows_sums_duplicates_like_a_scatter():
     expected = table.astype(np.float64)
     np.add.at(expected, ids, rows)
     for presorted in (False, True):
-        out = jax.jit(losses._add_rows, static_argnums=3)(table, ids, rows, presorted)
+        out = jax.jit(class_rows.add_rows, static_argnums=3)(table, ids, rows, presorted)
         np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
 
 

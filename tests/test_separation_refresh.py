@@ -7,7 +7,7 @@ import pytest
 import reference
 from test_knn import random_embeddings
 
-from jaxscaleseg import losses
+from jaxscaleseg import losses, nearest_other
 
 # Float32 sums of a few hundred terms of size ~1: relative rounding of a few 1e-7 per term,
 # so 1e-5 leaves room for another CPU's summation order (as in test_losses).
@@ -37,7 +37,7 @@ def problem(seed, num_classes=40, dim=6, num_pixels=96):
 def test_fresh_ids_give_todays_loss_and_gradients():
     pixels, labels, table = problem(0)
     grad_fn = jax.jit(jax.value_and_grad(objective, argnums=(0, 2), has_aux=True))
-    ids = losses.nearest_other_classes(table, normalize_classes=True)
+    ids = nearest_other.nearest_other_classes(table, normalize_classes=True)
     (total, parts), grads = grad_fn(pixels, labels, table, ids)
     (ref_total, ref_parts), ref_grads = grad_fn(pixels, labels, table)
     assert float(parts["separation"]) > 0  # the hinge is active
@@ -52,7 +52,7 @@ def test_nearest_other_classes_matches_reference():
     _, _, table = problem(1, num_classes=300)
     unit = table / np.linalg.norm(table, axis=-1, keepdims=True)
     want = reference.nearest(unit, unit, 1, exclude=np.arange(300))[1][:, 0]
-    got = losses.nearest_other_classes(table, normalize_classes=True, max_block_bytes=20_000)
+    got = nearest_other.nearest_other_classes(table, normalize_classes=True, max_block_bytes=20_000)
     np.testing.assert_array_equal(np.asarray(got), want)
 
 
@@ -103,7 +103,7 @@ def sgd_steps(table, ids, first, last, every, pixels, labels):
 
     @jax.jit
     def step(table, ids, step):
-        ids = losses.refresh_separation_ids(ids, table, step, every, normalize_classes=True)
+        ids = nearest_other.refresh_separation_ids(ids, table, step, every, normalize_classes=True)
         return update(table, ids), ids
 
     used = []
@@ -124,7 +124,9 @@ def test_refresh_every_n_uses_the_ids_of_the_last_refresh_and_resumes_identicall
     current = jnp.asarray(table)
     for index in range(7):
         if index % every == 0:
-            refreshed = np.asarray(losses.nearest_other_classes(current, normalize_classes=True))
+            refreshed = np.asarray(
+                nearest_other.nearest_other_classes(current, normalize_classes=True)
+            )
         np.testing.assert_array_equal(used[index], refreshed)
         current = update(current, jnp.asarray(used[index]))
     np.testing.assert_array_equal(np.asarray(current), np.asarray(final))
@@ -142,7 +144,7 @@ def test_refresh_every_n_uses_the_ids_of_the_last_refresh_and_resumes_identicall
 def test_bad_refresh_period_and_ids_shape_are_named():
     pixels, labels, table = problem(4)
     with pytest.raises(ValueError, match="every=0"):
-        losses.refresh_separation_ids(jnp.zeros(40, jnp.int32), table, 0, 0)
+        nearest_other.refresh_separation_ids(jnp.zeros(40, jnp.int32), table, 0, 0)
     with pytest.raises(ValueError, match="separation_ids"):
         objective(pixels, labels, table, jnp.zeros(39, jnp.int32))
 
@@ -168,7 +170,7 @@ def test_train_step_refreshes_carried_ids_every_n_steps_and_resumes_identically(
         ids.append(np.asarray(state.separation_ids))
     for index in range(5):
         refreshed = tables[index - index % 3]
-        want = losses.nearest_other_classes(refreshed, normalize_classes=True)
+        want = nearest_other.nearest_other_classes(refreshed, normalize_classes=True)
         np.testing.assert_array_equal(ids[index], np.asarray(want))
     # Resume after step 2 (mid-interval): replay from a host copy of the state at step 2.
     again, _ = _state_and_batch(config)

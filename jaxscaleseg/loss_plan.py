@@ -1,0 +1,99 @@
+"""The ESS objective's plan: its block and chunk sizes and methods, resolved per backend.
+
+Sizes that suit a CPU cache are far too small for a GPU, where each loop iteration is a kernel
+launch; every ``"auto"`` setting is turned into a value here, by a pure function of the backend
+and the class count (tested for every backend on any machine).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from jaxscaleseg import knn
+
+# Pixels per chunk of the ESS loss; each chunk's k+1 gathered class rows are recomputed in the
+# backward pass instead of being stored for all pixels at once.
+DEFAULT_PIXELS_PER_CHUNK = 8192
+
+
+# What ``pixels_per_chunk="auto"`` means: the cache-sized chunk on CPU (as measured in
+# BENCHMARKS.md §2); on GPU/TPU a chunk is a loop iteration of several kernels, so 2¹⁸ pixels
+# (8 chunks a step at batch 8, 512×512).
+AUTO_PIXELS_PER_CHUNK = {"cpu": DEFAULT_PIXELS_PER_CHUNK}
+ACCELERATOR_PIXELS_PER_CHUNK = 2**18
+
+
+# Largest C for which ``table_gradient="auto"`` takes the matmul on GPU/TPU: its work grows as
+# N·C (like the exact search's), the segment path's as N·log N. A guess until benchmarks.gpu_check
+# has measured both on a GPU.
+MATMUL_MAX_CLASSES = 8192
+TABLE_GRADIENTS = ("auto", "scatter", "sorted", "matmul", "segment")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossPlan:
+    """How the ESS objective is cut up and how its table gradient is summed.
+
+    Attributes:
+      max_block_bytes: budget of the nearest-class searches (queries×classes scores, and the
+        matmul table gradient's classes×pixels weights).
+      pixels_per_chunk: pixels per chunk of the loss (rows gathered and recomputed per chunk).
+      table_gradient: ``"scatter"``, ``"sorted"``, ``"matmul"`` or ``"segment"`` (see
+        ``losses.ess_objective``).
+      search_method: ``"pyramid"`` or ``"top_k"`` (see ``knn.nearest_class_ids``).
+    """
+
+    max_block_bytes: int
+    pixels_per_chunk: int
+    table_gradient: str
+    search_method: str
+
+
+def loss_plan(
+    backend: str | None,
+    num_classes: int,
+    *,
+    max_block_bytes: int | str = "auto",
+    pixels_per_chunk: int | str = "auto",
+    table_gradient: str = "auto",
+    search_method: str = "auto",
+) -> LossPlan:
+    """Resolves every ``"auto"`` setting of the ESS objective for a backend (pure).
+
+    On ``"cpu"``: 8 MiB blocks, 8 192-pixel chunks, scatter-add, the pyramid search (the values
+    the CPU benchmarks were measured with). On any other backend: 1 GiB blocks, 2¹⁸-pixel
+    chunks, ``lax.top_k``, and the matmul table gradient up to ``MATMUL_MAX_CLASSES`` classes,
+    the segment one above (no contended float atomics either way). Ints and named methods are
+    kept as given.
+
+    Args:
+      backend: ``"cpu"``, ``"gpu"``, ``"tpu"``...; None: ``jax.default_backend()``.
+      num_classes: C.
+      max_block_bytes, pixels_per_chunk, table_gradient, search_method: the settings, each
+        ``"auto"`` or a value.
+
+    Returns:
+      The resolved :class:`LossPlan`.
+    """
+    backend = backend or jax.default_backend()
+    if table_gradient not in TABLE_GRADIENTS:
+        raise ValueError(f"table_gradient={table_gradient!r}; expected one of {TABLE_GRADIENTS}")
+    if isinstance(pixels_per_chunk, str):
+        if pixels_per_chunk != "auto":
+            raise ValueError(f"pixels_per_chunk={pixels_per_chunk!r}; expected 'auto' or an int")
+        pixels_per_chunk = AUTO_PIXELS_PER_CHUNK.get(backend, ACCELERATOR_PIXELS_PER_CHUNK)
+    if int(pixels_per_chunk) < 1:
+        raise ValueError(f"pixels_per_chunk={pixels_per_chunk} must be positive")
+    if table_gradient == "auto":
+        if backend == "cpu":
+            table_gradient = "scatter"
+        else:
+            table_gradient = "matmul" if num_classes <= MATMUL_MAX_CLASSES else "segment"
+    return LossPlan(
+        max_block_bytes=knn.resolve_block_bytes(max_block_bytes, backend),
+        pixels_per_chunk=int(pixels_per_chunk),
+        table_gradient=table_gradient,
+        search_method=knn.resolve_method(search_method, backend),
+    )
