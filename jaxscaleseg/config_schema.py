@@ -77,24 +77,9 @@ DTYPES = ("float32", "bfloat16")
 CLASS_EMBEDDING_INITS = ("uniform", "imprint")
 
 
-def base_config() -> ml_collections.ConfigDict:
-    """All fields with their defaults (the paper's ADE20K MobileNetV2 ESS setup, 200k steps).
-
-    Returns:
-      An unlocked ``ConfigDict``; config files change it and return it.
-    """
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.batch_size = 10
-    c.num_train_steps = 200_000
-    c.log_every_steps = 50
-    c.eval_every_steps = 10_000
-    c.checkpoint_every_steps = 2_000
-    c.keep_checkpoints = 2
-    c.progress_bar = True
-    c.distributed = False
-
-    d = c.dataset = ml_collections.ConfigDict()
+def _dataset_defaults() -> ml_collections.ConfigDict:
+    """The ``dataset`` section's defaults."""
+    d = ml_collections.ConfigDict()
     d.name = "seg_ade20k"
     d.config = ""
     d.data_dir = "~/tensorflow_datasets"
@@ -122,8 +107,12 @@ def base_config() -> ml_collections.ConfigDict:
     d.synthetic.seed = 0
     d.synthetic.zipf_exponent = 0.0
     d.synthetic.family_size = 1
+    return d
 
-    m = c.model = ml_collections.ConfigDict()
+
+def _model_defaults() -> ml_collections.ConfigDict:
+    """The ``model`` section's defaults."""
+    m = ml_collections.ConfigDict()
     m.backbone = "mobilenet_v2"
     m.output_stride = 16
     m.embedding_dim = 12
@@ -136,8 +125,12 @@ def base_config() -> ml_collections.ConfigDict:
     m.center_embedding = False
     m.class_embedding_init = "uniform"
     m.imprint_batches = 25
+    return m
 
-    loss = c.loss = ml_collections.ConfigDict()
+
+def _loss_defaults() -> ml_collections.ConfigDict:
+    """The ``loss`` section's defaults."""
+    loss = ml_collections.ConfigDict()
     loss.name = "ess"
     loss.num_neighbors = 7
     loss.temperature = 20.0
@@ -155,8 +148,12 @@ def base_config() -> ml_collections.ConfigDict:
     loss.search = "auto"
     loss.search_probes = 8
     loss.index_refresh_every = 10
+    return loss
 
-    o = c.optim = ml_collections.ConfigDict()
+
+def _optim_defaults() -> ml_collections.ConfigDict:
+    """The ``optim`` section's defaults."""
+    o = ml_collections.ConfigDict()
     o.name = "sgd"
     o.base_lr = 0.01
     o.momentum = 0.9
@@ -169,6 +166,30 @@ def base_config() -> ml_collections.ConfigDict:
     o.freeze_backbone = False
     o.frozen_class_embedding_momentum = 0.95
     o.grad_clip_norm = 0.0
+    return o
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All fields with their defaults (the paper's ADE20K MobileNetV2 ESS setup, 200k steps).
+
+    Returns:
+      An unlocked ``ConfigDict``; config files change it and return it.
+    """
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.batch_size = 10
+    c.num_train_steps = 200_000
+    c.log_every_steps = 50
+    c.eval_every_steps = 10_000
+    c.checkpoint_every_steps = 2_000
+    c.keep_checkpoints = 2
+    c.progress_bar = True
+    c.distributed = False
+
+    c.dataset = _dataset_defaults()
+    c.model = _model_defaults()
+    c.loss = _loss_defaults()
+    c.optim = _optim_defaults()
     return c
 
 
@@ -249,21 +270,8 @@ def _auto_or_int(value, name: str, minimum: int) -> None:
         raise ConfigError(f"{name} must be 'auto' or an int >= {minimum}, got {value!r}")
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks a training config.
-
-    Raises:
-      ConfigError: naming the first invalid field.
-    """
-    for name in ("batch_size", "num_train_steps", "checkpoint_every_steps", "keep_checkpoints"):
-        if config[name] < 1:
-            raise ConfigError(f"{name} must be >= 1, got {config[name]}")
-    for name in ("log_every_steps",):
-        if config[name] < 1:
-            raise ConfigError(f"{name} must be >= 1, got {config[name]}")
-    if config.eval_every_steps < 0:
-        raise ConfigError(f"eval_every_steps must be >= 0, got {config.eval_every_steps}")
-    d, m, loss, o = config.dataset, config.model, config.loss, config.optim
+def _validate_dataset(d: ml_collections.ConfigDict) -> None:
+    """Checks the ``dataset`` section."""
     if d.num_classes < 2:
         raise ConfigError(f"dataset.num_classes must be >= 2, got {d.num_classes}")
     _check_pair(d.crop_size, "dataset.crop_size", allow_empty=False)
@@ -316,6 +324,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     if d.eval_batch_size < 1:
         raise ConfigError(f"dataset.eval_batch_size must be >= 1, got {d.eval_batch_size}")
+    _auto_or_int(d.worker_count, "dataset.worker_count", 0)
+
+
+def _validate_model(m: ml_collections.ConfigDict) -> None:
+    """Checks the ``model`` section."""
     if m.backbone not in BACKBONES:
         raise ConfigError(f"model.backbone must be one of {BACKBONES}, got {m.backbone!r}")
     if m.output_stride not in OUTPUT_STRIDES:
@@ -335,11 +348,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"model.imprint_batches must be >= 1, got {m.imprint_batches}")
     if m.dtype not in DTYPES:
         raise ConfigError(f"model.dtype must be one of {DTYPES}, got {m.dtype!r}")
+
+
+def _validate_loss(loss: ml_collections.ConfigDict, num_classes: int) -> None:
+    """Checks the ``loss`` section for a dataset of ``num_classes`` classes."""
     if loss.name not in LOSSES:
         raise ConfigError(f"loss.name must be one of {LOSSES}, got {loss.name!r}")
-    if loss.name == "ess" and not 1 <= loss.num_neighbors <= d.num_classes - 1:
+    if loss.name == "ess" and not 1 <= loss.num_neighbors <= num_classes - 1:
         raise ConfigError(
-            f"loss.num_neighbors must be in 1..num_classes-1={d.num_classes - 1}, "
+            f"loss.num_neighbors must be in 1..num_classes-1={num_classes - 1}, "
             f"got {loss.num_neighbors}"
         )
     if loss.negatives not in negatives.NEGATIVE_RULES:
@@ -357,23 +374,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
         value = loss[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"loss.{key} must be an int >= 1, got {value!r}")
-    if knn_index.resolve_search(loss.search, d.num_classes) == "approximate":
-        cells, _ = knn_index.index_shape(d.num_classes)
+    if knn_index.resolve_search(loss.search, num_classes) == "approximate":
+        cells, _ = knn_index.index_shape(num_classes)
         if loss.search_probes > cells:
             raise ConfigError(
                 f"loss.search_probes={loss.search_probes} exceeds the index's {cells} cells"
-                f" at num_classes={d.num_classes}"
+                f" at num_classes={num_classes}"
             )
     if loss.table_gradient not in loss_plan.TABLE_GRADIENTS:
         raise ConfigError(
             f"loss.table_gradient must be one of {loss_plan.TABLE_GRADIENTS}, "
             f"got {loss.table_gradient!r}"
         )
-    _auto_or_int(d.worker_count, "dataset.worker_count", 0)
     _auto_or_int(loss.max_block_bytes, "loss.max_block_bytes", 2**16)
     _auto_or_int(loss.pixels_per_chunk, "loss.pixels_per_chunk", 1)
     if loss.temperature <= 0:
         raise ConfigError(f"loss.temperature must be > 0, got {loss.temperature}")
+
+
+def _validate_optim(o: ml_collections.ConfigDict) -> None:
+    """Checks the ``optim`` section."""
     if o.name not in ("sgd", "adam"):
         raise ConfigError(f"optim.name must be 'sgd' or 'adam', got {o.name!r}")
     if o.base_lr <= 0:
@@ -382,3 +402,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"optim.poly_powers must have 3 values, got {tuple(o.poly_powers)}")
     if not 0 <= o.momentum < 1:
         raise ConfigError(f"optim.momentum must be in [0, 1), got {o.momentum}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks a training config.
+
+    Raises:
+      ConfigError: naming the first invalid field.
+    """
+    for name in ("batch_size", "num_train_steps", "checkpoint_every_steps", "keep_checkpoints"):
+        if config[name] < 1:
+            raise ConfigError(f"{name} must be >= 1, got {config[name]}")
+    for name in ("log_every_steps",):
+        if config[name] < 1:
+            raise ConfigError(f"{name} must be >= 1, got {config[name]}")
+    if config.eval_every_steps < 0:
+        raise ConfigError(f"eval_every_steps must be >= 0, got {config.eval_every_steps}")
+    _validate_dataset(config.dataset)
+    _validate_model(config.model)
+    _validate_loss(config.loss, config.dataset.num_classes)
+    _validate_optim(config.optim)

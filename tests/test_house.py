@@ -59,10 +59,6 @@ LONG_FUNCTIONS = {
     ("jaxscaleseg/knn.py", "nearest_class_ids"),
     ("jaxscaleseg/losses.py", "ess_objective"),
     ("jaxscaleseg/losses.py", "_loss_sums_bwd"),
-    # Grown by the :original options (issue 16) while this check was written; to split by
-    # config section (dataset, model, loss, optim).
-    ("jaxscaleseg/config_schema.py", "base_config"),
-    ("jaxscaleseg/config_schema.py", "validate"),
 }
 
 
