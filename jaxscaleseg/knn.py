@@ -278,6 +278,64 @@ def _drop_excluded(ids: jax.Array, exclude: jax.Array) -> jax.Array:
     return jnp.where(seen[:, :-1], ids[:, 1:], ids[:, :-1])
 
 
+def _block_plan(method: str, num_queries: int, num_classes: int, max_block_bytes: int, wanted: int):
+    """Block shape and selection functions of one search.
+
+    Returns:
+      ``(rows, cols, select, merge)``: the queries×classes block shape (``cols`` rounded to
+      whole top-level groups of the pyramid, and at least C when one column block covers the
+      table), ``select(scores, count)`` and ``merge(values, ids, count)``.
+    """
+    if method == "pyramid" and wanted <= _MAX_REDUCE_K:
+        rows, cols = _selection_block_shape(num_queries, num_classes, max_block_bytes)
+        group, levels = selection.selection_plan(max(cols, wanted), wanted)
+        unit = group**levels
+
+        def select(scores, count):
+            return selection.smallest_k_by_pyramid(scores, count, group, levels)
+
+        merge = selection.k_smallest
+    else:
+        rows, cols = block_shape(num_queries, num_classes, max_block_bytes)
+        unit = 1
+
+        def select(scores, count):
+            return selection.top_k_smallest(scores, count)
+
+        def merge(values, ids, count):
+            values, positions = selection.top_k_smallest(values, count)
+            return values, jnp.take_along_axis(ids, positions, axis=1)
+
+    if cols < num_classes:  # column blocks of whole top-level groups, as even as the unit allows
+        num_col_blocks = -(-num_classes // cols)
+        cols = max((-(-num_classes // num_col_blocks)) // unit, 1) * unit
+    if cols >= num_classes:  # one column block: pad the class axis to whole top-level groups
+        cols = -(-num_classes // unit) * unit
+    return rows, cols, select, merge
+
+
+def _whole_table(classes: jax.Array, cols: int, normalize: bool) -> jax.Array:
+    """Rows ``[−2e, ‖e‖²]`` of every class, padded to ``cols`` rows that score ``_PAD_SCORE``.
+
+    Args:
+      classes: float32 ``[C, D]``.
+      cols: padded class count, ``>= C``.
+      normalize: scale each class row to unit length first.
+
+    Returns:
+      float32 ``[cols, D + 1]``.
+    """
+    num_classes, dim = classes.shape
+    if normalize:
+        classes = unit_rows(classes)
+    table = jnp.concatenate([-2.0 * classes, jnp.sum(classes * classes, -1, keepdims=True)], axis=1)
+    pad = cols - num_classes
+    if pad:
+        padding = jnp.zeros((pad, dim + 1), jnp.float32).at[:, dim].set(_PAD_SCORE)
+        table = jnp.concatenate([table, padding], axis=0)
+    return table
+
+
 def nearest_class_ids(
     queries: jax.Array,
     class_emb: jax.Array,
@@ -331,42 +389,12 @@ def nearest_class_ids(
     # Exclusion: search one more neighbour and drop the excluded id afterwards, so the block
     # itself needs no mask.
     wanted = k + (exclude is not None)
-    if method == "pyramid" and wanted <= _MAX_REDUCE_K:
-        rows, cols = _selection_block_shape(num_queries, num_classes, max_block_bytes)
-        group, levels = selection.selection_plan(max(cols, wanted), wanted)
-        unit = group**levels
-
-        def select(scores, count):
-            return selection.smallest_k_by_pyramid(scores, count, group, levels)
-
-        merge = selection.k_smallest
-    else:
-        rows, cols = block_shape(num_queries, num_classes, max_block_bytes)
-        unit = 1
-
-        def select(scores, count):
-            return selection.top_k_smallest(scores, count)
-
-        def merge(values, ids, count):
-            values, positions = selection.top_k_smallest(values, count)
-            return values, jnp.take_along_axis(ids, positions, axis=1)
-
-    if cols < num_classes:  # column blocks of whole top-level groups, as even as the unit allows
-        num_col_blocks = -(-num_classes // cols)
-        cols = max((-(-num_classes // num_col_blocks)) // unit, 1) * unit
+    rows, cols, select, merge = _block_plan(
+        method, num_queries, num_classes, max_block_bytes, wanted
+    )
     table = None
-    if cols >= num_classes:  # one column block: pad the class axis to whole top-level groups
-        cols = -(-num_classes // unit) * unit
-        # Rows [−2e, ‖e‖²]; padding rows score _PAD_SCORE against every query.
-        if normalize_classes:
-            classes = unit_rows(classes)
-        table = jnp.concatenate(
-            [-2.0 * classes, jnp.sum(classes * classes, -1, keepdims=True)], axis=1
-        )
-        pad = cols - num_classes
-        if pad:
-            padding = jnp.zeros((pad, dim + 1), jnp.float32).at[:, dim].set(_PAD_SCORE)
-            table = jnp.concatenate([table, padding], axis=0)
+    if cols >= num_classes:  # one column block: the whole (padded) table is built once
+        table = _whole_table(classes, cols, normalize_classes)
 
     def search(block_index):
         # The last row block starts early so that it stays inside the queries; its rows that

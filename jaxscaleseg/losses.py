@@ -199,103 +199,128 @@ def _loss_sums_fwd(pixels, targets, neighbors, valid, nearest, classes, terms):
     return (ess_sum, separation_sum), residuals
 
 
+def _separation_backward(terms, classes, nearest, cotangent, table_grad):
+    """Adds the separation term's gradient (scaled by ``cotangent``) to ``table_grad [C, D]``."""
+    num_classes = classes.shape[0]
+    chunk = terms.classes_per_chunk
+
+    def separation_step(index, grad):
+        start, own_ids, nearest_ids, weights = _class_chunk(index, chunk, num_classes, nearest)
+
+        def hinge(own, other):
+            return _hinge_chunk_sum(own, other, weights, terms.margin)
+
+        own, own_inverse_norms = class_rows.read_rows(
+            lax.dynamic_slice_in_dim(classes, start, chunk), terms.normalize
+        )
+        other, other_inverse_norms = class_rows.read_rows(classes[nearest_ids], terms.normalize)
+        _, pullback = jax.vjp(hinge, own, other)
+        own_grad, other_grad = pullback(cotangent)
+        own_grad = class_rows.raw_row_gradient(own, own_inverse_norms, own_grad)
+        other_grad = class_rows.raw_row_gradient(other, other_inverse_norms, other_grad)
+        grad = lax.dynamic_update_slice_in_dim(
+            grad, lax.dynamic_slice_in_dim(grad, start, chunk) + own_grad, start, 0
+        )
+        # One row per class: little contention, but no atomics where they are avoided.
+        return class_rows.add_rows(grad, nearest_ids, other_grad, terms.table_gradient != "scatter")
+
+    table_grad = lax.fori_loop(0, -(-num_classes // chunk), separation_step, table_grad)
+    return table_grad
+
+
+def _ess_backward(terms, pixels, targets, neighbors, valid, classes, cotangent, table_grad):
+    """The ESS term's gradients (scaled by ``cotangent``): ``(pixel_grad [N, D], table_grad)``."""
+
+    def ess_step(grad, xs):
+        chunk_pixels, chunk_targets, chunk_neighbors, chunk_valid = xs
+        chunk_candidates = _candidates(chunk_targets, chunk_neighbors)
+        rows, inverse_norms = class_rows.read_rows(classes[chunk_candidates], terms.normalize)
+        if terms.table_gradient == "matmul":
+            coefficients, chunk_pixel_grad = _ess_chunk_coefficients(
+                chunk_pixels, rows, chunk_valid, terms.temperature, cotangent
+            )
+            grad = class_rows.add_rows_by_matmul(
+                grad,
+                classes,
+                terms.normalize,
+                chunk_pixels,
+                chunk_candidates,
+                coefficients,
+                terms.classes_per_block,
+            )
+            return grad, chunk_pixel_grad
+
+        def chunk_sum(chunk_pixels, rows):
+            return _ess_chunk_sum(chunk_pixels, rows, chunk_valid, terms.temperature)
+
+        _, pullback = jax.vjp(chunk_sum, chunk_pixels, rows)
+        chunk_pixel_grad, rows_grad = pullback(cotangent)
+        rows_grad = class_rows.raw_row_gradient(rows, inverse_norms, rows_grad)
+        grad = class_rows.add_rows(
+            grad, chunk_candidates, rows_grad, terms.table_gradient == "sorted"
+        )
+        return grad, chunk_pixel_grad
+
+    def coefficient_step(carry, xs):
+        chunk_pixels, chunk_targets, chunk_neighbors, chunk_valid = xs
+        rows, _ = class_rows.read_rows(
+            classes[_candidates(chunk_targets, chunk_neighbors)], terms.normalize
+        )
+        coefficients, chunk_pixel_grad = _ess_chunk_coefficients(
+            chunk_pixels, rows, chunk_valid, terms.temperature, cotangent
+        )
+        return carry, (chunk_pixel_grad, coefficients)
+
+    chunks = _pixel_chunks(pixels, targets, neighbors, valid, terms.pixels_per_chunk)
+    if terms.table_gradient == "segment":
+        # The chunks only give coefficients; one sort of the step's ids sums them.
+        _, (pixel_grad, coefficients) = lax.scan(coefficient_step, None, chunks)
+        candidates = _candidates(targets, neighbors)
+        table_grad = class_rows.add_rows_by_segments(
+            table_grad,
+            classes,
+            terms.normalize,
+            pixels,
+            candidates,
+            coefficients.reshape(candidates.shape),
+            terms.pixels_per_chunk * candidates.shape[1],
+        )
+    else:
+        table_grad, pixel_grad = lax.scan(ess_step, table_grad, chunks)
+    return pixel_grad.reshape(pixels.shape), table_grad
+
+
 def _loss_sums_bwd(terms, residuals, cotangents):
     pixels, targets, neighbors, valid, nearest, classes = residuals
     ess_cotangent, separation_cotangent = cotangents
     table_grad = jnp.zeros_like(classes)
-    num_classes = classes.shape[0]
-
     if terms.with_separation:
-        chunk = terms.classes_per_chunk
-
-        def separation_step(index, grad):
-            start, own_ids, nearest_ids, weights = _class_chunk(index, chunk, num_classes, nearest)
-
-            def hinge(own, other):
-                return _hinge_chunk_sum(own, other, weights, terms.margin)
-
-            own, own_inverse_norms = class_rows.read_rows(
-                lax.dynamic_slice_in_dim(classes, start, chunk), terms.normalize
-            )
-            other, other_inverse_norms = class_rows.read_rows(classes[nearest_ids], terms.normalize)
-            _, pullback = jax.vjp(hinge, own, other)
-            own_grad, other_grad = pullback(separation_cotangent)
-            own_grad = class_rows.raw_row_gradient(own, own_inverse_norms, own_grad)
-            other_grad = class_rows.raw_row_gradient(other, other_inverse_norms, other_grad)
-            grad = lax.dynamic_update_slice_in_dim(
-                grad, lax.dynamic_slice_in_dim(grad, start, chunk) + own_grad, start, 0
-            )
-            # One row per class: little contention, but no atomics where they are avoided.
-            return class_rows.add_rows(
-                grad, nearest_ids, other_grad, terms.table_gradient != "scatter"
-            )
-
-        table_grad = lax.fori_loop(0, -(-num_classes // chunk), separation_step, table_grad)
-
+        table_grad = _separation_backward(terms, classes, nearest, separation_cotangent, table_grad)
     pixel_grad = jnp.zeros_like(pixels)
     if terms.with_ess:
-
-        def ess_step(grad, xs):
-            chunk_pixels, chunk_targets, chunk_neighbors, chunk_valid = xs
-            chunk_candidates = _candidates(chunk_targets, chunk_neighbors)
-            rows, inverse_norms = class_rows.read_rows(classes[chunk_candidates], terms.normalize)
-            if terms.table_gradient == "matmul":
-                coefficients, chunk_pixel_grad = _ess_chunk_coefficients(
-                    chunk_pixels, rows, chunk_valid, terms.temperature, ess_cotangent
-                )
-                grad = class_rows.add_rows_by_matmul(
-                    grad,
-                    classes,
-                    terms.normalize,
-                    chunk_pixels,
-                    chunk_candidates,
-                    coefficients,
-                    terms.classes_per_block,
-                )
-                return grad, chunk_pixel_grad
-
-            def chunk_sum(chunk_pixels, rows):
-                return _ess_chunk_sum(chunk_pixels, rows, chunk_valid, terms.temperature)
-
-            _, pullback = jax.vjp(chunk_sum, chunk_pixels, rows)
-            chunk_pixel_grad, rows_grad = pullback(ess_cotangent)
-            rows_grad = class_rows.raw_row_gradient(rows, inverse_norms, rows_grad)
-            grad = class_rows.add_rows(
-                grad, chunk_candidates, rows_grad, terms.table_gradient == "sorted"
-            )
-            return grad, chunk_pixel_grad
-
-        def coefficient_step(carry, xs):
-            chunk_pixels, chunk_targets, chunk_neighbors, chunk_valid = xs
-            rows, _ = class_rows.read_rows(
-                classes[_candidates(chunk_targets, chunk_neighbors)], terms.normalize
-            )
-            coefficients, chunk_pixel_grad = _ess_chunk_coefficients(
-                chunk_pixels, rows, chunk_valid, terms.temperature, ess_cotangent
-            )
-            return carry, (chunk_pixel_grad, coefficients)
-
-        chunks = _pixel_chunks(pixels, targets, neighbors, valid, terms.pixels_per_chunk)
-        if terms.table_gradient == "segment":
-            # The chunks only give coefficients; one sort of the step's ids sums them.
-            _, (pixel_grad, coefficients) = lax.scan(coefficient_step, None, chunks)
-            candidates = _candidates(targets, neighbors)
-            table_grad = class_rows.add_rows_by_segments(
-                table_grad,
-                classes,
-                terms.normalize,
-                pixels,
-                candidates,
-                coefficients.reshape(candidates.shape),
-                terms.pixels_per_chunk * candidates.shape[1],
-            )
-        else:
-            table_grad, pixel_grad = lax.scan(ess_step, table_grad, chunks)
-        pixel_grad = pixel_grad.reshape(pixels.shape)
+        pixel_grad, table_grad = _ess_backward(
+            terms, pixels, targets, neighbors, valid, classes, ess_cotangent, table_grad
+        )
     return pixel_grad, None, None, None, None, table_grad
 
 
 _loss_sums.defvjp(_loss_sums_fwd, _loss_sums_bwd)
+
+
+def _separation_partners(classes, with_separation, separation_ids, plan, normalize):
+    """int32 ``[C]``: each class's separation partner (given, searched, or unused zeros)."""
+    num_classes = classes.shape[0]
+    if not with_separation:
+        nearest = jnp.zeros((num_classes,), jnp.int32)
+    elif separation_ids is not None:
+        if separation_ids.shape != (num_classes,):
+            raise ValueError(f"separation_ids {separation_ids.shape} must be (C={num_classes},)")
+        nearest = lax.stop_gradient(jnp.asarray(separation_ids, jnp.int32))
+    else:
+        nearest = nearest_other.nearest_other_class_ids(
+            classes, plan.max_block_bytes, normalize, plan.search_method
+        )
+    return nearest
 
 
 def ess_objective(
@@ -381,32 +406,10 @@ def ess_objective(
     classes = jnp.asarray(class_emb, jnp.float32)
     valid = (flat_labels != ignore_index) & (flat_labels >= 0) & (flat_labels < num_classes)
     targets = jnp.where(valid, flat_labels, 0)
-    if negatives not in negatives_rule.NEGATIVE_RULES:
-        raise ValueError(
-            f"negatives={negatives!r}; expected one of {negatives_rule.NEGATIVE_RULES}"
-        )
-    original = negatives == "original"
-    if neighbor_ids is not None:
-        if neighbor_ids.shape != (*labels.shape, num_neighbors):
-            raise ValueError(
-                f"neighbor_ids {neighbor_ids.shape} must be labels {labels.shape}"
-                f" + (num_neighbors={num_neighbors},)"
-            )
-        neighbors = lax.stop_gradient(jnp.asarray(neighbor_ids, jnp.int32)).reshape(
-            -1, num_neighbors
-        )
-    else:
-        neighbors = knn.nearest_class_ids(
-            pixels,
-            classes,
-            num_neighbors,
-            exclude=None if original else targets,
-            max_block_bytes=plan.max_block_bytes,
-            method=plan.search_method,
-            normalize_classes=normalize_classes,
-        )
-        if original:
-            neighbors = negatives_rule.original_rule_negatives(neighbors, targets)
+    neighbors = negatives_rule.pixel_negatives(
+        pixels, targets, classes, labels.shape, num_neighbors, negatives, neighbor_ids, plan,
+        normalize_classes,
+    )  # fmt: skip
     num_pixels = pixels.shape[0]
     chunk = max(1, min(plan.pixels_per_chunk, num_pixels))
     extra = -num_pixels % chunk
@@ -416,16 +419,9 @@ def ess_objective(
         neighbors = jnp.pad(neighbors, ((0, extra), (0, 0)))
         valid = jnp.pad(valid, (0, extra))
     with_separation = separation_weight != 0
-    if not with_separation:
-        nearest = jnp.zeros((num_classes,), jnp.int32)
-    elif separation_ids is not None:
-        if separation_ids.shape != (num_classes,):
-            raise ValueError(f"separation_ids {separation_ids.shape} must be (C={num_classes},)")
-        nearest = lax.stop_gradient(jnp.asarray(separation_ids, jnp.int32))
-    else:
-        nearest = nearest_other.nearest_other_class_ids(
-            classes, plan.max_block_bytes, normalize_classes, plan.search_method
-        )
+    nearest = _separation_partners(
+        classes, with_separation, separation_ids, plan, normalize_classes
+    )
     terms = _Terms(
         temperature=float(temperature),
         margin=float(margin),
