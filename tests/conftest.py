@@ -33,7 +33,7 @@ OPT_LEVEL_FLAG = "--xla_backend_optimization_level"
 
 def pytest_configure(config: pytest.Config) -> None:
     """Sets the compilation cache and XLA's CPU optimisation level for the run's processes."""
-    if config.cache is not None:
+    if getattr(config, "cache", None) is not None:
         cache_dir = config.cache.mkdir("jax_compilation_cache")
     else:  # -p no:cacheprovider
         cache_dir = Path(config.rootpath) / ".pytest_cache" / "d" / "jax_compilation_cache"
