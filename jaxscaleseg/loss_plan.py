@@ -25,10 +25,11 @@ AUTO_PIXELS_PER_CHUNK = {"cpu": DEFAULT_PIXELS_PER_CHUNK}
 ACCELERATOR_PIXELS_PER_CHUNK = 2**18
 
 
-# Largest C for which ``table_gradient="auto"`` takes the matmul on GPU/TPU: its work grows as
-# N·C (like the exact search's), the segment path's as N·log N. A guess until benchmarks.gpu_check
-# has measured both on a GPU.
-MATMUL_MAX_CLASSES = 8192
+# What ``table_gradient="auto"`` takes off the CPU. Measured on an H200 (BENCHMARKS §2, GPU
+# check, N = 8·512²): sorted took 0.008 / 0.083 / 2.28 s at C = 19 / 1 284 / 100 000, within
+# 25 % of the best method at each C, where matmul took 0.155 s at 1 284 and segment 4.27 s at
+# 100 000.
+ACCELERATOR_TABLE_GRADIENT = "sorted"
 TABLE_GRADIENTS = ("auto", "scatter", "sorted", "matmul", "segment")
 
 
@@ -64,8 +65,8 @@ def loss_plan(
 
     On ``"cpu"``: 8 MiB blocks, 8 192-pixel chunks, scatter-add, the pyramid search (the values
     the CPU benchmarks were measured with). On any other backend: 1 GiB blocks, 2¹⁸-pixel
-    chunks, ``lax.top_k``, and the matmul table gradient up to ``MATMUL_MAX_CLASSES`` classes,
-    the segment one above (no contended float atomics either way). Ints and named methods are
+    chunks, ``lax.top_k`` and the sorted table gradient (``ACCELERATOR_TABLE_GRADIENT``: per-id
+    sums written once, no contended float atomics). Ints and named methods are
     kept as given.
 
     Args:
@@ -87,10 +88,7 @@ def loss_plan(
     if int(pixels_per_chunk) < 1:
         raise ValueError(f"pixels_per_chunk={pixels_per_chunk} must be positive")
     if table_gradient == "auto":
-        if backend == "cpu":
-            table_gradient = "scatter"
-        else:
-            table_gradient = "matmul" if num_classes <= MATMUL_MAX_CLASSES else "segment"
+        table_gradient = "scatter" if backend == "cpu" else ACCELERATOR_TABLE_GRADIENT
     return LossPlan(
         max_block_bytes=knn.resolve_block_bytes(max_block_bytes, backend),
         pixels_per_chunk=int(pixels_per_chunk),

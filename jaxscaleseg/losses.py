@@ -368,8 +368,7 @@ def ess_objective(
         sort, then written once per id), ``"matmul"`` (per block of classes, a pixels-weighted
         sum as one matmul; no sort, no scatter), ``"segment"`` (one sort of all the step's
         candidate ids, then per-id sums written once) — see ``class_rows`` — or ``"auto"``
-        (``loss_plan.loss_plan``: scatter on CPU; matmul up to ``MATMUL_MAX_CLASSES``
-        classes, segment above, on GPU/TPU).
+        (``loss_plan.loss_plan``: scatter on CPU, sorted on GPU/TPU).
       negatives: ``"nearest_other"`` (the paper: the k nearest classes other than the target)
         or ``"original"`` (the original code: the k nearest classes, a target among them
         replaced as in ``negatives.original_rule_negatives``).

@@ -350,9 +350,9 @@ def test_loss_plan_by_backend():
     # GPU/TPU: GiB blocks, 2¹⁸-pixel chunks, top_k, and no contended atomics.
     for backend in ("gpu", "tpu"):
         assert loss_plan.loss_plan(backend, 1284) == loss_plan.LossPlan(
-            2**30, 2**18, "matmul", "top_k"
+            2**30, 2**18, "sorted", "top_k"
         )
-        assert loss_plan.loss_plan(backend, 100_000).table_gradient == "segment"
+        assert loss_plan.loss_plan(backend, 100_000).table_gradient == "sorted"
     given = loss_plan.loss_plan(
         "gpu", 19, max_block_bytes=2**20, pixels_per_chunk=100, table_gradient="scatter"
     )
@@ -403,12 +403,11 @@ def test_table_gradients_and_searches_match_reference(table_gradient, search_met
     )
 
 
-@pytest.mark.parametrize("matmul_max_classes", [loss_plan.MATMUL_MAX_CLASSES, 100])
-def test_gpu_sized_plan_runs_on_cpu_and_matches_reference(monkeypatch, matmul_max_classes):
-    """The plan a GPU gets (1 GiB blocks, 2¹⁸-pixel chunks, top_k, matmul or segment), run here."""
-    monkeypatch.setattr(loss_plan, "MATMUL_MAX_CLASSES", matmul_max_classes)
-    plan = loss_plan.loss_plan("gpu", 300)
-    assert plan.table_gradient == ("matmul" if matmul_max_classes > 300 else "segment")
+@pytest.mark.parametrize("table_gradient", ["auto", "matmul", "segment"])
+def test_gpu_sized_plan_runs_on_cpu_and_matches_reference(table_gradient):
+    """The plan a GPU gets (1 GiB blocks, 2¹⁸-pixel chunks, top_k; its table gradient), run here."""
+    plan = loss_plan.loss_plan("gpu", 300, table_gradient=table_gradient)
+    assert plan.table_gradient == ("sorted" if table_gradient == "auto" else table_gradient)
     pixels, unit, rng = random_embeddings(50, 2000, 300, 8)
     raw = unit * rng.uniform(0.5, 2.0, (300, 1)).astype(np.float32)
     labels = rng.integers(-1, 300, 2000).astype(np.int32)
