@@ -402,12 +402,7 @@ def piece_step(
     import numpy as np  # noqa: PLC0415
 
     from benchmarks import scaling  # noqa: PLC0415
-    from jaxscaleseg import loss_plan, optim  # noqa: PLC0415
-
-    try:  # the steps' own module once training.py is split (it imports no input pipeline)
-        from jaxscaleseg import steps as training  # noqa: PLC0415
-    except ImportError:
-        from jaxscaleseg import training  # noqa: PLC0415
+    from jaxscaleseg import loss_plan  # noqa: PLC0415
 
     bench = scaling.Preset(
         backbone,
@@ -420,29 +415,11 @@ def piece_step(
     )
     config = scaling.make_config(bench, num_classes, head, preset.dtype)
     config.loss.num_neighbors = preset.num_neighbors
-    spec = training.LossSpec.from_config(config.loss)
     image_shape = (preset.batch, preset.size, preset.size, 3)
-    model = training.make_model(config)
-    tx = optim.make_optimizer(config.optim, config.num_train_steps)
-
-    def new_state(variables):
-        return training.TrainState.create(
-            apply_fn=model.apply,
-            params=variables["params"],
-            tx=tx,
-            batch_stats=variables.get("batch_stats", {}),
-        )
-
-    def init(key):
-        return model.init({"params": key}, jnp.zeros(image_shape, jnp.float32), train=False)
-
+    parts = scaling.step_parts(config, image_shape)
+    new_state, init, step = parts.new_state, parts.init, parts.step
+    abstract_state, batch_shapes = parts.abstract_state, parts.batch_shapes
     key = jax.random.key(0)
-    abstract_state = jax.eval_shape(lambda: new_state(init(key)))
-    batch_shapes = {
-        "image": jax.ShapeDtypeStruct(image_shape, jnp.float32),
-        "label": jax.ShapeDtypeStruct(image_shape[:3], jnp.int32),
-    }
-    step = jax.jit(functools.partial(training.train_step, spec=spec), donate_argnums=0)
     start = time.perf_counter()
     compiled = step.lower(abstract_state, batch_shapes, key).compile()
     row = {

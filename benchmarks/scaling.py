@@ -27,7 +27,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -97,11 +99,32 @@ def random_variables(shapes) -> dict:
     return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-def measure(preset: Preset, num_classes: int, head: str, dtype: str) -> dict:
-    """Compiled memory and (where it fits) step time of one (C, head, dtype) cell."""
-    config = make_config(preset, num_classes, head, dtype)
+@dataclasses.dataclass(frozen=True)
+class StepParts:
+    """What compiling and running one cell's train step needs.
+
+    Attributes:
+      new_state: ``variables -> steps.TrainState`` (the model and optimiser of the cell).
+      init: ``key -> variables``, the model's initialiser on a zero image batch.
+      step: the jitted ``steps.train_step`` (state donated).
+      abstract_state: the state's shapes, from ``jax.eval_shape``.
+      batch_shapes: ``{"image", "label"}`` shapes of one batch.
+    """
+
+    new_state: Callable
+    init: Callable
+    step: Callable
+    abstract_state: Any
+    batch_shapes: dict
+
+
+def step_parts(config, image_shape: tuple[int, int, int, int]) -> StepParts:
+    """The train step of ``config`` for batches of ``image_shape`` ``[B, H, W, 3]``, not compiled.
+
+    The same model and optimiser objects serve the abstract and the real state, so the compiled
+    step accepts the real one.
+    """
     spec = steps.LossSpec.from_config(config.loss)
-    image_shape = (preset.batch, preset.size, preset.size, 3)
     model = steps.make_model(config)
     tx = optim.make_optimizer(config.optim, config.num_train_steps)
 
@@ -116,14 +139,25 @@ def measure(preset: Preset, num_classes: int, head: str, dtype: str) -> dict:
     def init(key):
         return model.init({"params": key}, jnp.zeros(image_shape, jnp.float32), train=False)
 
-    # The same model and optimiser objects for the abstract and the real state, so the
-    # compiled step accepts the real one.
-    abstract_state = jax.eval_shape(lambda: new_state(init(jax.random.key(0))))
-    batch_shapes = {
-        "image": jax.ShapeDtypeStruct(image_shape, jnp.float32),
-        "label": jax.ShapeDtypeStruct(image_shape[:3], jnp.int32),
-    }
-    step = jax.jit(functools.partial(steps.train_step, spec=spec), donate_argnums=0)
+    return StepParts(
+        new_state=new_state,
+        init=init,
+        step=jax.jit(functools.partial(steps.train_step, spec=spec), donate_argnums=0),
+        abstract_state=jax.eval_shape(lambda: new_state(init(jax.random.key(0)))),
+        batch_shapes={
+            "image": jax.ShapeDtypeStruct(image_shape, jnp.float32),
+            "label": jax.ShapeDtypeStruct(image_shape[:3], jnp.int32),
+        },
+    )
+
+
+def measure(preset: Preset, num_classes: int, head: str, dtype: str) -> dict:
+    """Compiled memory and (where it fits) step time of one (C, head, dtype) cell."""
+    config = make_config(preset, num_classes, head, dtype)
+    image_shape = (preset.batch, preset.size, preset.size, 3)
+    parts = step_parts(config, image_shape)
+    new_state, init, step = parts.new_state, parts.init, parts.step
+    abstract_state, batch_shapes = parts.abstract_state, parts.batch_shapes
     key = jax.random.key(0)
     compiled = step.lower(abstract_state, batch_shapes, key).compile()
     memory = compiled.memory_analysis()
