@@ -9,7 +9,13 @@ Sections:
 
 * top level: ``seed``, ``batch_size`` (global, over all devices and hosts), ``num_train_steps``,
   ``log_every_steps``, ``eval_every_steps`` (0: only at the end), ``checkpoint_every_steps``,
-  ``keep_checkpoints``, ``progress_bar``, ``distributed`` (call ``jax.distributed.initialize``).
+  ``keep_checkpoints``, ``progress_bar``; several hosts: ``distributed`` (one process per host,
+  joined by ``jax.distributed.initialize``), ``distributed_coordinator`` (``host:port`` of
+  process 0; empty: the ``JAX_COORDINATOR_ADDRESS`` variable or a cluster JAX detects: Slurm,
+  Open MPI, Cloud TPU), ``distributed_num_processes`` (0: detected),
+  ``distributed_process_id`` (-1: detected), ``distributed_timeout_seconds`` (how long the
+  other processes wait for one that stopped responding before they stop too); see
+  :mod:`jaxscaleseg.multihost`.
 * ``dataset``: ``name`` (``synthetic`` or a TFDS builder: ``seg_ade20k``...), ``config``
   (builder config), ``data_dir``, ``train_split``, ``eval_split`` (a builder config made for
   one training split, ``seg_pascal_voc/voc2012_aug``'s ``train_aug``, refuses another; a split
@@ -185,6 +191,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2
     c.progress_bar = True
     c.distributed = False
+    c.distributed_coordinator = ""
+    c.distributed_num_processes = 0
+    c.distributed_process_id = -1
+    c.distributed_timeout_seconds = 100
 
     c.dataset = _dataset_defaults()
     c.model = _model_defaults()
@@ -404,6 +414,45 @@ def _validate_optim(o: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"optim.momentum must be in [0, 1), got {o.momentum}")
 
 
+def validate_distributed(config: ml_collections.ConfigDict) -> None:
+    """Checks the ``distributed*`` fields (before any process joins the others).
+
+    Raises:
+      ConfigError: naming the field.
+    """
+    coordinator = str(config.distributed_coordinator)
+    n, k = config.distributed_num_processes, config.distributed_process_id
+    if not config.distributed:
+        given = [
+            name
+            for name, unset in (
+                ("distributed_coordinator", coordinator == ""),
+                ("distributed_num_processes", n == 0),
+                ("distributed_process_id", k == -1),
+            )
+            if not unset
+        ]
+        if given:
+            raise ConfigError(f"{given[0]} is set but distributed=False; add --config.distributed")
+        return
+    if coordinator:
+        host, _, port = coordinator.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(
+                f"distributed_coordinator must be host:port (port 1-65535), got {coordinator!r}"
+            )
+    if n < 0:
+        raise ConfigError(f"distributed_num_processes must be >= 1 (0: detected), got {n}")
+    if k < -1 or (n and k >= n):
+        raise ConfigError(
+            f"distributed_process_id must be in 0..{n - 1 if n else 'N-1'} (-1: detected), got {k}"
+        )
+    if config.distributed_timeout_seconds < 1:
+        raise ConfigError(
+            f"distributed_timeout_seconds must be >= 1, got {config.distributed_timeout_seconds}"
+        )
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks a training config.
 
@@ -418,6 +467,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"{name} must be >= 1, got {config[name]}")
     if config.eval_every_steps < 0:
         raise ConfigError(f"eval_every_steps must be >= 0, got {config.eval_every_steps}")
+    validate_distributed(config)
     _validate_dataset(config.dataset)
     _validate_model(config.model)
     _validate_loss(config.loss, config.dataset.num_classes)

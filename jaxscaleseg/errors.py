@@ -32,6 +32,10 @@ class CheckpointNotFoundError(UserError, FileNotFoundError):
     """The workdir holds no checkpoint of the requested kind; the message says what was sought."""
 
 
+class DistributedError(UserError):
+    """The processes of a multi-host run could not join, or one of them stopped."""
+
+
 class NonFiniteLossError(UserError, FloatingPointError):
     """The loss or the gradient norm became NaN or infinite."""
 
@@ -46,6 +50,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "ConfigError",
     "DatasetNotPreparedError",
+    "DistributedError",
     "ModelMismatchError",
     "NonFiniteLossError",
     "UserError",

@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxscaleseg import config_schema, logs, metrics, optim, steps
+from jaxscaleseg import config_schema, logs, metrics, multihost, optim, steps
 from jaxscaleseg import workdir as workdir_lib
 from jaxscaleseg.data import sources
 from jaxscaleseg.errors import ConfigError, NonFiniteLossError
@@ -113,6 +113,12 @@ def _initial_state(config, image_shape, replicated: NamedSharding) -> TrainState
     )(init_rng, backbone=backbone)
 
 
+def _base_rng(seed: int, replicated: NamedSharding) -> jax.Array:
+    """The run's base key on every device (computed there: with several processes, a host
+    value cannot be put on devices another process holds)."""
+    return jax.jit(lambda: jax.random.split(jax.random.key(seed))[1], out_shardings=replicated)()
+
+
 def setup(config: ml_collections.ConfigDict, workdir: Any) -> tuple[Run, TrainState]:
     """Checks the config and workdir, builds the data, state and steps, resumes if it can.
 
@@ -155,7 +161,7 @@ def setup(config: ml_collections.ConfigDict, workdir: Any) -> tuple[Run, TrainSt
             functools.partial(steps.eval_step, num_classes=config.dataset.num_classes),
             out_shardings=replicated,
         ),
-        base_rng=jax.device_put(jax.random.split(jax.random.key(config.seed))[1], replicated),
+        base_rng=_base_rng(config.seed, replicated),
         data_sharding=data_sharding,
     )
     state = _resume_or_start(run, state, train_source, host_batch)
@@ -321,9 +327,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         one-line messages; a workdir in use by another training process, or a disk that
         fills, is a WorkdirError.
       NonFiniteLossError: the loss became non-finite; the last good checkpoint stays.
+      DistributedError: ``distributed``: the processes could not join.
     """
     if config.distributed:
-        jax.distributed.initialize()
+        multihost.initialize(config)
     path = workdir_lib.prepare(workdir)
     lock = workdir_lib.RunLock(path) if jax.process_index() == 0 else None
     try:

@@ -14,6 +14,8 @@ A workdir holds::
     tensorboard/          TensorBoard event files
     damaged/              checkpoints found unreadable on a resume (moved, never deleted)
     .lock                 held by the training process using the workdir
+    process_<id>.log      several hosts: each process's stderr, C++ reports included
+                          (``jaxscaleseg.multihost``)
 
 Training (:mod:`jaxscaleseg.training`), evaluation and prediction read and write it only
 through this module. Files a run rewrites (``model.json``, ``config.json``, the trimmed
@@ -83,9 +85,10 @@ def prepare(workdir: str | os.PathLike) -> Path:
     path = resolve(workdir)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
-        probe.write_text("")
-        probe.unlink()
+        # A probe of this process's own: the processes of a multi-host run share the folder.
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write_test.")
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
         raise WorkdirError(f"workdir {path} is not writable ({e.strerror or e})") from e
     return path

@@ -290,8 +290,9 @@ def make_train_iterator(
         they read ahead up to two batches. More help when reading waits on files; the
         synthetic source is CPU-bound, so more threads than cores only add contention.
       shard_index: this host's index (``jax.process_index()``).
-      shard_count: number of hosts (``jax.process_count()``); each host reads a disjoint part
-        of every epoch.
+      shard_count: number of hosts (``jax.process_count()``); each host reads and augments only
+        its ``batch_size`` rows of every global batch, so the global batches are the same for
+        any number of hosts (one host's iterator state is unchanged by this).
       repeat_factor_threshold: if set, LVIS repeat-factor sampling with this threshold (e.g.
         0.001); the class content of every example is read once, from
         ``source.image_classes(i)`` if the source has it, otherwise by decoding every label.
@@ -317,16 +318,20 @@ def make_train_iterator(
         indices = _repeat_indices(factors, seed)
         tag = f", repeat_factor_threshold={repeat_factor_threshold}, seed={seed}"
     data = _Source(source, indices, tag)
-    shard_options = grain.sharding.ShardOptions(
-        shard_index=shard_index, shard_count=shard_count, drop_remainder=True
-    )
+    # One host's sampler: the same stream of examples (and per-example generators) for any
+    # number of hosts; each host takes its rows of every global batch (_HostRows).
     sampler = grain.samplers.IndexSampler(
         num_records=len(data),
-        shard_options=shard_options,
+        shard_options=grain.sharding.ShardOptions(
+            shard_index=0, shard_count=1, drop_remainder=True
+        ),
         shuffle=True,
         num_epochs=None,
         seed=_mix_seed(seed),
     )
+    shard_options = grain.sharding.NoSharding()
+    if shard_count > 1:
+        sampler = _HostRows(sampler, batch_size, shard_index, shard_count)
     transform = _TrainTransform(
         num_classes,
         crop_size,
@@ -351,6 +356,34 @@ def make_train_iterator(
         ),
     )
     return iter(loader)
+
+
+class _HostRows:
+    """Host ``k`` of ``n``'s share of a sampled stream cut into global batches of ``n * b``.
+
+    Local position ``i`` (batch ``i // b``, row ``i % b``) is position
+    ``(i // b) * n * b + k * b + i % b`` of the stream: each host reads and augments only its
+    ``b`` rows of every global batch, and the global batch (rows of host 0, then host 1, ...:
+    the order of ``jax.make_array_from_process_local_data`` over a mesh of the processes'
+    devices in order) is the one a single host of ``n * b`` would build, with the same
+    per-example generators (grain draws them from the stream position).
+    """
+
+    def __init__(self, sampler: Any, batch_size: int, shard_index: int, shard_count: int):
+        if not 0 <= shard_index < shard_count:
+            raise ValueError(f"shard_index={shard_index} not in [0, {shard_count})")
+        self._sampler = sampler
+        self._b, self._k, self._n = int(batch_size), int(shard_index), int(shard_count)
+
+    def __len__(self) -> int:
+        return len(self._sampler) // self._n
+
+    def __getitem__(self, index: int) -> Any:
+        batch, row = divmod(int(index), self._b)
+        return self._sampler[(batch * self._n + self._k) * self._b + row]
+
+    def __repr__(self) -> str:  # grain checks a restored state against it
+        return f"_HostRows({self._sampler!r}, batch_size={self._b}, host={self._k} of {self._n})"
 
 
 class _EvalSource:
