@@ -20,6 +20,11 @@ class DatasetNotPreparedError(UserError):
     """The configured TFDS dataset is missing from ``data_dir``; the message names the command."""
 
 
+class DatasetError(UserError, ValueError):
+    """A prepared dataset holds an example the run cannot use (a label beyond the class
+    count); the message names the dataset, the split and the example."""
+
+
 class WorkdirError(UserError):
     """The workdir cannot be created, written, or is in use by another run."""
 
@@ -49,6 +54,7 @@ def one_line(error: BaseException) -> str:
 __all__ = [
     "CheckpointNotFoundError",
     "ConfigError",
+    "DatasetError",
     "DatasetNotPreparedError",
     "DistributedError",
     "ModelMismatchError",

@@ -283,10 +283,10 @@ def split_source(config: ml_collections.ConfigDict, split: str, max_examples: in
     config = ml_collections.ConfigDict(config.to_dict())
     config.dataset.max_eval_examples = int(max_examples)
     if split == config.dataset.train_split and split != config.dataset.eval_split:
-        train, _ = sources.make_sources(config)
+        train, _ = sources.make_sources(config, check=(split,))
         return train if not max_examples else sources.Prefix(train, max_examples)
     config.dataset.eval_split = split
-    return sources.make_sources(config)[1]
+    return sources.make_sources(config, check=(split,))[1]
 
 
 def _dataset_key(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -353,9 +353,9 @@ def run(
       The :func:`results` dict (also written as JSON and CSV in ``workdir``).
     """
     settings = settings or inference.InferenceSettings.from_config(config)
-    predictor = inference.Predictor.from_workdir(config, workdir, checkpoint, settings)
     split = split or config.dataset.eval_split
-    source = split_source(config, split, max_examples)
+    source = split_source(config, split, max_examples)  # a bad dataset: before the model loads
+    predictor = inference.Predictor.from_workdir(config, workdir, checkpoint, settings)
     print(
         f"evaluating {workdir} checkpoint {checkpoint} (step {predictor.step}) on {split}: "
         f"{len(source)} images, {inference.describe(settings)}",
@@ -363,13 +363,14 @@ def run(
     )
     class_frequency = dataset_class_frequency(config, workdir)
     t0 = time.perf_counter()
-    counts, images = evaluate_source(
-        predictor,
-        source,
-        batch_size=batch_size or int(config.dataset.eval_batch_size),
-        view=_config_view(config),
-        log_every_seconds=30.0,
-    )
+    with sources.naming_bad_labels(config, split):
+        counts, images = evaluate_source(
+            predictor,
+            source,
+            batch_size=batch_size or int(config.dataset.eval_batch_size),
+            view=_config_view(config),
+            log_every_seconds=30.0,
+        )
     result = results(
         counts,
         predictor.class_names,

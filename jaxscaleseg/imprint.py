@@ -103,7 +103,8 @@ def imprint(
     sums_fn = jax.jit(functools.partial(class_embedding_sums, num_classes=num_classes))
     sums = counts = None
     for _ in range(config.model.imprint_batches):
-        batch = steps.to_global(next(iterator), data_sharding)
+        with sources.naming_bad_labels(config, config.dataset.train_split):
+            batch = steps.to_global(next(iterator), data_sharding)
         s, c = sums_fn(state, {"image": batch["image"], "label": batch["label"]})
         sums, counts = (s, c) if sums is None else (sums + s, counts + c)
     if is_main:

@@ -11,6 +11,10 @@ import numpy as np
 IGNORE_INDEX = -1
 
 
+class LabelRangeError(ValueError):
+    """A label is neither a class id ``0..C-1`` nor the ignore value (see :func:`check_labels`)."""
+
+
 def check_labels(
     labels: np.ndarray,
     num_classes: int,
@@ -30,7 +34,8 @@ def check_labels(
       source: where the labels came from (a file name, a dataset key); named in the error.
 
     Raises:
-      ValueError: naming ``source``, the offending values and how many pixels carry them.
+      LabelRangeError: naming ``source``, the offending values and how many pixels carry them.
+      ValueError: the labels are not integers.
     """
     labels = np.asarray(labels)
     if not np.issubdtype(labels.dtype, np.integer):
@@ -42,7 +47,7 @@ def check_labels(
         shown = ", ".join(f"{v} ({c} px)" for v, c in zip(values[:10], counts[:10], strict=True))
         more = f" and {len(values) - 10} more values" if len(values) > 10 else ""
         where = f" in {source}" if source else ""
-        raise ValueError(
+        raise LabelRangeError(
             f"labels{where} out of range: expected class ids 0..{num_classes - 1} or "
             f"{ignore_index} (ignore), found {shown}{more}"
         )

@@ -236,7 +236,8 @@ def run_eval(run: Run, state: TrainState, step: int, writer: logs.MetricWriter) 
     """Evaluates, logs, and saves the best checkpoint when mIoU improved."""
     t0 = time.perf_counter()
     d = run.config.dataset
-    summary = evaluate(state, run.eval_loader, d.num_classes, run.eval_fn, run.data_sharding)
+    with sources.naming_bad_labels(run.config, d.eval_split):
+        summary = evaluate(state, run.eval_loader, d.num_classes, run.eval_fn, run.data_sharding)
     scalars = {k: float(v) for k, v in summary.items() if np.isscalar(v)}
     writer.write(
         step,
@@ -255,7 +256,9 @@ def run_eval(run: Run, state: TrainState, step: int, writer: logs.MetricWriter) 
 
 
 def _next_batch(run: Run) -> dict[str, jax.Array]:
-    return steps.to_global(next(run.train_iter), run.data_sharding)
+    with sources.naming_bad_labels(run.config, run.config.dataset.train_split):
+        batch = next(run.train_iter)
+    return steps.to_global(batch, run.data_sharding)
 
 
 def train_loop(run: Run, state: TrainState, writer: logs.MetricWriter, progress) -> tuple:

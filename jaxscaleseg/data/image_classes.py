@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxscaleseg.errors import DatasetError
 from jaxscaleseg.labels import STORED_VOID
 
 SUFFIX = ".image_classes.npz"
@@ -104,6 +105,40 @@ class WithImageClasses:
         """Sorted int32 class ids of example ``index`` (void excluded); reads no record."""
         index = int(index)
         return self._classes[self._offsets[index] : self._offsets[index + 1]]
+
+
+def check_class_range(
+    source: Any, dataset_dir: str | os.PathLike, split: str, num_classes: int, dataset: str
+) -> None:
+    """Refuses a split whose sidecar lists a class id ``>= num_classes``, before training.
+
+    Reads the sidecar and one record (the first bad example's, for its file name); does
+    nothing when the split has no sidecar or one of another length (the pipeline then finds a
+    bad label when it decodes it).
+
+    Raises:
+      DatasetError: naming the dataset, the split, the first bad example (index and file name),
+        its out-of-range ids and how many examples hold some.
+    """
+    found = read(sidecar_path(dataset_dir, split))
+    if found is None or len(found[0]) != len(source) + 1:
+        return
+    offsets, classes = found
+    bad = np.flatnonzero(classes >= num_classes)
+    if not bad.size:
+        return
+    examples = np.unique(np.searchsorted(offsets, bad, side="right") - 1)
+    index = int(examples[0])
+    ids = classes[offsets[index] : offsets[index + 1]]
+    ids = ", ".join(str(int(v)) for v in ids[ids >= num_classes][:10])
+    name = source[index].get("file_name", b"")
+    name = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+    raise DatasetError(
+        f"dataset {dataset}, split {split}, example {index} ({name}): label ids {ids} are out "
+        f"of range for dataset.num_classes={num_classes} (ids 0..{num_classes - 1}, or void); "
+        f"{len(examples)} of the split's {len(source)} examples hold such ids: prepare the "
+        "dataset again, or set dataset.num_classes to its class count"
+    )
 
 
 def with_image_classes(source: Any, dataset_dir: str | os.PathLike, split: str) -> Any:

@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -18,7 +20,8 @@ import numpy as np
 from absl import logging as absl_logging
 
 from jaxscaleseg.data import image_classes, pipeline, splits, synthetic
-from jaxscaleseg.errors import ConfigError, DatasetNotPreparedError
+from jaxscaleseg.errors import ConfigError, DatasetError, DatasetNotPreparedError
+from jaxscaleseg.labels import LabelRangeError
 
 
 class Prefix:
@@ -80,14 +83,22 @@ def _tfds_builder(dataset: ml_collections.ConfigDict):
     return builder
 
 
-def make_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+def make_sources(
+    config: ml_collections.ConfigDict, *, check: tuple[str, ...] | None = None
+) -> tuple[Any, Any]:
     """The training and evaluation sources of a config.
+
+    ``check``: the splits whose class lists are checked against ``dataset.num_classes``
+    (None: the training and evaluation splits).
 
     Raises:
       DatasetNotPreparedError: the TFDS dataset is not prepared in ``data_dir``; the message
         names the ``prepare`` command to run.
       ConfigError: the prepared dataset's class count differs from ``dataset.num_classes``, or
         it lacks ``dataset.train_split`` or ``dataset.eval_split`` (one line naming both).
+      DatasetError: a split's class lists (written at preparation) hold an id
+        ``>= dataset.num_classes``; a split without them fails at its first bad batch instead
+        (:func:`naming_bad_labels`).
     """
     d = config.dataset
     if d.name == "synthetic":
@@ -121,13 +132,58 @@ def make_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
             raise ConfigError(message)
         data_dir = os.path.expanduser(d.data_dir)
         train = tfds.data_source(full, split=d.train_split, data_dir=data_dir)
+        evaluation = tfds.data_source(full, split=d.eval_split, data_dir=data_dir)
+        for split, source in ((d.train_split, train), (d.eval_split, evaluation)):
+            if check is not None and split not in check:
+                continue
+            image_classes.check_class_range(
+                source, builder.data_dir, split, d.num_classes, dataset=full
+            )
         # Each example's classes from the sidecar written at preparation (repeat factors and
         # frequency bins then read no record).
         train = image_classes.with_image_classes(train, builder.data_dir, d.train_split)
-        evaluation = tfds.data_source(full, split=d.eval_split, data_dir=data_dir)
     if d.max_eval_examples and len(evaluation) > d.max_eval_examples:
         evaluation = Prefix(evaluation, d.max_eval_examples)
     return train, evaluation
+
+
+def dataset_label(config: ml_collections.ConfigDict) -> str:
+    """The dataset's name in messages: ``synthetic`` or ``tfds_name[/builder_config]``."""
+    d = config.dataset
+    return d.name + (f"/{d.config}" if d.config else "")
+
+
+def _label_range_error(error: BaseException | None) -> BaseException | None:
+    """The :class:`LabelRangeError` an exception is, or was raised from (grain wraps errors of
+    its workers), or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, LabelRangeError) or "out of range: expected class ids" in str(error):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextlib.contextmanager
+def naming_bad_labels(config: ml_collections.ConfigDict, split: str) -> Iterator[None]:
+    """Turns a bad label met while reading ``split``'s batches into one line naming the
+    dataset, the split and the example (its file name).
+
+    Raises:
+      DatasetError: from the pipeline's :class:`LabelRangeError`.
+    """
+    try:
+        yield
+    except Exception as e:
+        bad = _label_range_error(e)
+        if bad is None:
+            raise
+        message = str(bad).strip().splitlines()[0]
+        raise DatasetError(
+            f"dataset {dataset_label(config)}, split {split}: {message}; prepare the dataset "
+            "again, or set dataset.num_classes to its class count"
+        ) from e
 
 
 def resolve_worker_count(value: str | int) -> int:
@@ -253,10 +309,12 @@ def class_info(
 __all__ = [
     "Prefix",
     "class_info",
+    "dataset_label",
     "describe_splits",
     "eval_iterator",
     "eval_view",
     "make_sources",
+    "naming_bad_labels",
     "resolve_worker_count",
     "tfds_full_name",
     "train_iterator",
