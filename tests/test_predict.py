@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
 import shutil
 from pathlib import Path
@@ -201,35 +202,141 @@ def test_predictor_from_workdir_and_evaluate_run(workdir, capsys):
         inference.Predictor.from_workdir(other, workdir)
 
 
-def test_read_image_converts_alpha_grey_palette_and_16_bit(tmp_path):
-    rgba = np.zeros((2, 3, 4), np.uint8)
+# ----------------------------------------------------------------------------- bad images
+# predict on broken and odd files (issue 18): one row per case, its expected outcome, run
+# through ``prediction.predict_files`` with the real model (module fixture) except where a row
+# says otherwise. Outcomes: ``("predicted", (H, W))``, the size of the label map written (the
+# image's, after EXIF rotation), or ``("skipped", text)``, the one-line message naming the file.
+
+
+def _jpeg_bytes(array: np.ndarray, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "JPEG", **kwargs)
+    return buffer.getvalue()
+
+
+def _noise(shape, dtype=np.uint8, high=256):
+    return np.random.default_rng(0).integers(0, high, shape, dtype=dtype)
+
+
+def _save(image: Image.Image, path: Path, **kwargs) -> None:
+    image.save(path, **kwargs)
+
+
+def _rgba_pixels(path: Path) -> None:
+    """Opaque, transparent and half-transparent pixels of grey 200 over black."""
+    rgba = np.zeros((13, 19, 4), np.uint8)
     rgba[..., :3] = 200
-    rgba[0, 0, 3] = 255  # opaque
-    rgba[0, 1, 3] = 0  # transparent -> black
-    rgba[0, 2, 3] = 128
-    Image.fromarray(rgba).save(tmp_path / "a.png")
-    out = prediction.read_image(tmp_path / "a.png")
-    assert out.shape == (2, 3, 3) and out.dtype == np.uint8
-    assert tuple(out[0, 0]) == (200, 200, 200) and tuple(out[0, 1]) == (0, 0, 0)
-    assert 95 <= out[0, 2, 0] <= 105
+    rgba[0, 0, 3], rgba[0, 1, 3], rgba[0, 2, 3] = 255, 0, 128
+    Image.fromarray(rgba).save(path)
 
-    grey = np.arange(12, dtype=np.uint8).reshape(3, 4)
-    Image.fromarray(grey).save(tmp_path / "g.png")
-    np.testing.assert_array_equal(
-        prediction.read_image(tmp_path / "g.png"), np.repeat(grey[..., None], 3, axis=-1)
-    )
 
-    deep = (np.arange(12, dtype=np.uint16) * 5000).reshape(3, 4)
-    Image.fromarray(deep).save(tmp_path / "d.png")
-    image = prediction.read_image(tmp_path / "d.png")
-    assert image.shape == (3, 4, 3) and image.max() == 255
+def _exif_rotated(path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(_noise((13, 19, 3))).save(path, exif=exif)
 
-    palette_image = Image.fromarray(grey).convert("P")
-    palette_image.save(tmp_path / "p.png")
-    assert prediction.read_image(tmp_path / "p.png").shape == (3, 4, 3)
 
-    with pytest.raises(OSError):
-        prediction.read_image(tmp_path / "missing.png")
+def _animated_gif(path: Path) -> None:
+    frames = [Image.fromarray(_noise((13, 19)) // (k + 1)).convert("P") for k in range(3)]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
+def _palette_with_transparency(path: Path) -> None:
+    image = Image.fromarray(_noise((13, 19), high=4)).convert("P")
+    image.save(path, transparency=0)
+
+
+BAD_IMAGES = {
+    # name: (file name, how to write it, expected outcome, check of the RGB image read)
+    "photo": ("photo.jpg", lambda p: p.write_bytes(_jpeg_bytes(_noise((75, 64, 3)))),
+              ("predicted", (75, 64)), None),
+    "empty": ("empty.jpg", lambda p: p.write_bytes(b""),
+              ("skipped", "cannot identify image file"), None),
+    "truncated": ("truncated.jpg",
+                  lambda p: p.write_bytes(_jpeg_bytes(_noise((64, 64, 3)))[:400]),
+                  ("skipped", "truncated"), None),  # Pillow: "Truncated File Read"
+    "text-as-jpeg": ("text.jpg", lambda p: p.write_bytes(b"this is not a jpeg"),
+                     ("skipped", "cannot identify image file"), None),
+    "16-bit": ("deep.png",
+               lambda p: _save(Image.fromarray((np.arange(247, dtype=np.uint16) * 250)
+                                               .reshape(13, 19)), p),
+               ("predicted", (13, 19)), lambda rgb: rgb.max() == 255),  # scaled by its peak
+    "32-bit float": ("float.tif",
+                     lambda p: _save(Image.fromarray(_noise((13, 19)).astype(np.float32)), p),
+                     ("predicted", (13, 19)), None),
+    "grey": ("grey.png", lambda p: _save(Image.fromarray(_noise((13, 19))), p),
+             ("predicted", (13, 19)), lambda rgb: (rgb[..., 0] == rgb[..., 2]).all()),
+    "palette": ("palette.png",
+                lambda p: _save(Image.fromarray(_noise((13, 19))).convert("P"), p),
+                ("predicted", (13, 19)), None),
+    "palette+transparency": ("ptrans.png", _palette_with_transparency,
+                             ("predicted", (13, 19)), None),
+    "LA": ("la.png", lambda p: _save(Image.fromarray(_noise((13, 19, 2)), "LA"), p),
+           ("predicted", (13, 19)), None),
+    "RGBA": ("rgba.png", _rgba_pixels, ("predicted", (13, 19)),
+             # composited onto black: opaque 200, transparent 0, half 100
+             lambda rgb: (rgb[0, 0, 0], rgb[0, 1, 0]) == (200, 0) and 95 <= rgb[0, 2, 0] <= 105),
+    "CMYK": ("cmyk.jpg",
+             lambda p: _save(Image.fromarray(_noise((13, 19, 3))).convert("CMYK"), p),
+             ("predicted", (13, 19)), None),
+    "animated GIF": ("animated.gif", _animated_gif, ("predicted", (13, 19)), None),  # frame 0
+    "EXIF-rotated": ("rotated.jpg", _exif_rotated, ("predicted", (19, 13)), None),
+    "1x1": ("dot.png", lambda p: _save(Image.fromarray(_noise((1, 1, 3))), p),
+            ("predicted", (1, 1)), None),
+    # Read at full size and given to the model as it is (no limit, no downsizing). The row runs
+    # a stand-in model and writes no pictures: their three 8000x8000 PNGs alone took 26 s and
+    # 2.9 GB (measured under load), and the real model would need more.
+    "8000x8000": ("huge.png", lambda p: _save(Image.new("L", (8000, 8000), 90), p),
+                  ("predicted", (8000, 8000)), lambda rgb: (rgb == 90).all()),
+}  # fmt: skip
+
+
+class _StandIn:
+    """A model stand-in for the huge row: records the image it is given, predicts class 0."""
+
+    num_classes, class_names, palette = NUM_CLASSES, (), np.zeros((NUM_CLASSES, 3), np.uint8)
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        self.seen.append(image)
+        return np.zeros(image.shape[:2], np.int32)
+
+
+@pytest.fixture(scope="module")
+def predictor(workdir):
+    """The real model, once for every row (its jit compiles once per image size)."""
+    return inference.Predictor.from_workdir(_config(), workdir, "latest")
+
+
+@pytest.mark.parametrize("case", list(BAD_IMAGES), ids=list(BAD_IMAGES))
+def test_predict_on_broken_and_odd_images(case, predictor, tmp_path, monkeypatch):
+    name, write, (outcome, expected), check = BAD_IMAGES[case]
+    path = tmp_path / name
+    write(path)
+    huge = case == "8000x8000"
+    model = _StandIn() if huge else predictor
+    if huge:
+        monkeypatch.setattr(prediction, "write_prediction", lambda *a, **k: [])
+    lines = []
+    written, failures = prediction.predict_files(model, [path], tmp_path / "out", log=lines.append)
+    if outcome == "skipped":
+        assert written == {} and len(failures) == 1, failures
+        assert failures[0].startswith(f"cannot read image {path}: ")
+        assert expected in failures[0].lower() and "\n" not in failures[0], failures
+        return
+    assert failures == [] and len(lines) == 1, (failures, lines)
+    assert lines[0].startswith(f"{path}: {expected[1]}x{expected[0]}, "), lines
+    rgb = model.seen[0] if huge else prediction.read_image(path)  # what the model was given
+    assert rgb.shape == (*expected, 3) and rgb.dtype == np.uint8
+    assert check is None or check(rgb), case
+    if huge:
+        return
+    with Image.open(tmp_path / "out" / f"{path.stem}_labels.png") as labels:
+        assert labels.size == (expected[1], expected[0])
+        assert np.asarray(labels).max() < NUM_CLASSES
 
 
 def test_label_png_is_16_bit_beyond_256_classes(tmp_path):
