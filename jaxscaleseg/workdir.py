@@ -29,6 +29,7 @@ import errno
 import fcntl
 import json
 import os
+import secrets
 import socket
 import tempfile
 from collections.abc import Callable, Mapping
@@ -110,9 +111,20 @@ def write_class_frequency(workdir: str | os.PathLike, record: Mapping[str, Any])
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Replaces ``path`` by ``text`` in one step: readers see the old or the new file, whole."""
+    """Replaces ``path`` by ``text`` in one step: readers see the old or the new file, whole.
+
+    The text goes to a new file beside ``path`` (created with the permissions a plain write
+    gives: ``0o666`` less the umask), flushed to the disk, then renamed over ``path``; a
+    failure or a kill before the rename leaves ``path`` as it was.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    while True:
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

@@ -141,3 +141,28 @@ def test_evaluate_on_a_missing_workdir_says_it_is_missing(tmp_path, capsys, monk
     assert cli.call(evaluate.main, argv) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not exist" in err and "none" in err, err
+
+
+def test_run_files_are_replaced_atomically_with_plain_permissions(tmp_path, monkeypatch):
+    """``model.json`` and ``config.json``, rewritten at every start: a write cut short before
+    its rename (a kill, a full disk) leaves the previous files whole and no stray file; a
+    finished write has the permissions a plain one would (readable by others, not 0600)."""
+    workdir.write_run_files(tmp_path, {"backbone": "tiny"}, '{"old": 1}')
+    before = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    (tmp_path / "plain").write_text("x")  # the permissions a plain write gives here
+    plain = (tmp_path / "plain").stat().st_mode & 0o777
+    (tmp_path / "plain").unlink()
+
+    def cut_short(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", cut_short)
+        with pytest.raises(OSError, match="No space"):
+            workdir.write_run_files(tmp_path, {"backbone": "resnet50"}, '{"new": 2}')
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == before
+    workdir.write_run_files(tmp_path, {"backbone": "resnet50"}, '{"new": 2}')
+    assert workdir.read_model_args(tmp_path) == {"backbone": "resnet50"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.json"]
+    for name in ("config.json", "model.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == plain, name
