@@ -52,7 +52,10 @@ Sections:
   ``margin``, ``separation_weight``, ``max_block_bytes`` (memory budget of the nearest-class
   searches: the largest queries×classes block), ``pixels_per_chunk`` (pixels per chunk of the
   ESS loss), ``table_gradient`` (``auto``, ``scatter``, ``sorted``, ``matmul`` or
-  ``segment``: how row gradients reach the class table, see ``losses.ess_objective``). The
+  ``segment``: how row gradients reach the class table, see ``losses.ess_objective``),
+  ``selection`` (``auto``, ``pyramid``, ``top_k``, ``min_rounds`` or ``tiled_top_k``: how the
+  exact nearest-class searches pick each block's k nearest, see ``knn.nearest_class_ids``;
+  ``auto`` is the pyramid on CPU and ``top_k`` on GPU/TPU). The
   first two take an int or ``"auto"`` (the default), resolved by ``loss_plan.loss_plan`` from
   the backend: on CPU 8 MiB and 8 192 pixels (cache-sized; 8 MiB keeps the step's growth with
   C within the class table's own size plus a few MB), on GPU/TPU 1 GiB and 2¹⁸ pixels (few,
@@ -73,7 +76,7 @@ from pathlib import Path
 
 import ml_collections
 
-from jaxscaleseg import knn_index, loss_plan, negatives
+from jaxscaleseg import knn, knn_index, loss_plan, negatives
 from jaxscaleseg.data import augment, pipeline, splits, synthetic
 from jaxscaleseg.errors import ConfigError
 from jaxscaleseg.models import BACKBONES, OUTPUT_STRIDES
@@ -146,6 +149,8 @@ def _loss_defaults() -> ml_collections.ConfigDict:
     loss.max_block_bytes = ml_collections.FieldReference("auto", field_type=object)
     loss.pixels_per_chunk = ml_collections.FieldReference("auto", field_type=object)
     loss.table_gradient = "auto"
+    # How the exact searches select each block's k nearest (knn.SEARCH_METHODS).
+    loss.selection = "auto"
     loss.negatives = "nearest_other"
     # The separation term's nearest-other-class ids searched every n steps (1: every step).
     loss.separation_refresh_every = 1
@@ -391,6 +396,10 @@ def _validate_loss(loss: ml_collections.ConfigDict, num_classes: int) -> None:
                 f"loss.search_probes={loss.search_probes} exceeds the index's {cells} cells"
                 f" at num_classes={num_classes}"
             )
+    if loss.selection not in knn.SEARCH_METHODS:
+        raise ConfigError(
+            f"loss.selection must be one of {knn.SEARCH_METHODS}, got {loss.selection!r}"
+        )
     if loss.table_gradient not in loss_plan.TABLE_GRADIENTS:
         raise ConfigError(
             f"loss.table_gradient must be one of {loss_plan.TABLE_GRADIENTS}, "

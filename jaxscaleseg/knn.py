@@ -20,12 +20,21 @@ ascending k-lists: XLA:CPU compiles it into a single loop per row that keeps the
 registers, so a selection costs one pass over its candidates instead of a loop of small array
 operations, and the blocks are kept small enough to stay in the CPU's cache.
 
+On GPU and TPU (``method="top_k"``) each block's k smallest come from ``lax.top_k`` over the
+whole block. ``"min_rounds"`` (k rounds of a row minimum), ``"tile_minima"`` (the minima of
+contiguous tiles of classes, then a top-k over the members of the k tiles with the least
+minima) and ``"tiled_top_k"`` (a top-k per tile of 128 classes, then one over the survivors)
+are the same selection for small k by other kernels, kept as options until a GPU measurement
+picks one (``benchmarks.gpu_check``); the four return the same ids, equal distances broken by
+the lower class id (see ``selection``).
+
 No gradient flows through the search: it returns integer ids and distances computed under
 ``stop_gradient``; losses recompute the distances they differentiate.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -246,11 +255,11 @@ def _search_rows(
     return ids
 
 
-SEARCH_METHODS = ("auto", "pyramid", "top_k")
+SEARCH_METHODS = ("auto", "pyramid", "top_k", "min_rounds", "tile_minima", "tiled_top_k")
 
 
 def resolve_method(method: str, backend: str | None = None) -> str:
-    """``"pyramid"`` or ``"top_k"``: ``"auto"`` is the pyramid on CPU, ``lax.top_k`` elsewhere.
+    """A named selection method: ``"auto"`` is the pyramid on CPU, ``lax.top_k`` elsewhere.
 
     Args:
       method: one of ``SEARCH_METHODS``.
@@ -296,13 +305,26 @@ def _block_plan(method: str, num_queries: int, num_classes: int, max_block_bytes
 
         merge = selection.k_smallest
     else:
-        rows, cols = block_shape(num_queries, num_classes, max_block_bytes)
         unit = 1
+        choose = selection.top_k_smallest
+        if method == "min_rounds":
+            choose = selection.smallest_k_by_rounds
+        if method == "tile_minima":
+            unit = selection.tile_minima_size(num_classes, wanted)
+            choose = functools.partial(selection.smallest_k_by_tile_minima, tile=unit)
+        if method == "tiled_top_k" and wanted <= selection.TILE_COLUMNS < num_classes:
+            # Whole tiles (the padding classes score _PAD_SCORE); the block shape is that of
+            # the padded class axis, so that padding never takes a block past the budget.
+            unit = selection.TILE_COLUMNS
+            choose = selection.smallest_k_by_tiles
+        rows, cols = block_shape(num_queries, -(-num_classes // unit) * unit, max_block_bytes)
+        cols = min(cols, num_classes)
 
         def select(scores, count):
-            return selection.top_k_smallest(scores, count)
+            return choose(scores, count)
 
         def merge(values, ids, count):
+            # The running best comes first, so ties keep the lower class id.
             values, positions = selection.top_k_smallest(values, count)
             return values, jnp.take_along_axis(ids, positions, axis=1)
 
@@ -358,8 +380,11 @@ def nearest_class_ids(
         (by backend, see :func:`resolve_block_bytes`).
       method: how each block's k smallest are selected: ``"pyramid"`` (pruning over group
         minima with one reduction per selection, on cache-sized blocks within the budget;
-        fastest on CPU), ``"top_k"`` (``lax.top_k``, fastest on GPU and TPU) or ``"auto"`` (by
-        the default backend). Both are exact.
+        fastest on CPU), ``"top_k"`` (``lax.top_k``, the GPU and TPU default), ``"min_rounds"``,
+        ``"tile_minima"`` or ``"tiled_top_k"`` (small-k selections for GPUs, see the module
+        docstring) or
+        ``"auto"`` (by the default backend). All are exact; all but the pyramid break equal
+        distances by the lower class id.
       normalize_classes: search against the rows of ``class_emb`` scaled to unit length
         (``unit_rows``), scaled block by block so that no normalised copy of a table too large
         for one block is held.

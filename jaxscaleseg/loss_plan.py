@@ -43,7 +43,8 @@ class LossPlan:
       pixels_per_chunk: pixels per chunk of the loss (rows gathered and recomputed per chunk).
       table_gradient: ``"scatter"``, ``"sorted"``, ``"matmul"`` or ``"segment"`` (see
         ``losses.ess_objective``).
-      search_method: ``"pyramid"`` or ``"top_k"`` (see ``knn.nearest_class_ids``).
+      search_method: ``"pyramid"``, ``"top_k"``, ``"min_rounds"`` or ``"tiled_top_k"`` (see
+        ``knn.nearest_class_ids``).
     """
 
     max_block_bytes: int

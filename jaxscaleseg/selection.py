@@ -1,11 +1,21 @@
 """The k smallest entries of each row, with their positions: the search's selection step.
 
-Two ways, chosen per backend by ``knn``: a pyramid of group minima that prunes the columns and
-a variadic reduction that keeps an ascending k-list in registers (fast on CPU), and
-``lax.top_k`` (fast on GPU and TPU).
+Chosen per backend by ``knn``: a pyramid of group minima that prunes the columns and a variadic
+reduction that keeps an ascending k-list in registers (fast on CPU), and ``lax.top_k`` (the GPU
+and TPU default). Two more for small k on GPUs, where XLA's top-k kernel took 37 % of an ESS
+step on an H200 (BENCHMARKS §2): k rounds of a row minimum (:func:`smallest_k_by_rounds`, one
+memory-bound reduction per round), the minima of contiguous tiles of columns and a top-k over
+the members of the k tiles with the smallest minima (:func:`smallest_k_by_tile_minima`, one pass
+over the scores and two short top-k's), and a top-k per tile followed by a top-k of the tiles'
+survivors (:func:`smallest_k_by_tiles`, far shorter rows for the top-k kernel).
+
+``top_k`` and these three return the k smallest entries in ascending ``(value, position)``
+order: equal values come lowest position first, so all three give the same positions.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -171,3 +181,140 @@ def top_k_smallest(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
         return jnp.take_along_axis(scores, positions, axis=-1), positions
     neg_values, positions = lax.top_k(-scores, k)
     return -neg_values, positions.astype(jnp.int32)
+
+
+# Sentinel position of an empty slot in the rounds' reduction (above every real position).
+_NO_POSITION = jnp.iinfo(jnp.int32).max
+
+
+def _lexicographic_min(values: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each row's smallest ``(value, position)`` pair, by one variadic row reduction.
+
+    Args:
+      values: float32 ``[R, M]``.
+      positions: int32 ``[R, M]``.
+
+    Returns:
+      ``(values [R], positions [R])``; ``(+inf, _NO_POSITION)`` for a row of ``+inf`` entries at
+      ``_NO_POSITION``.
+    """
+
+    def smaller(a, b):
+        a_value, a_position = a
+        b_value, b_position = b
+        take_a = (a_value < b_value) | ((a_value == b_value) & (a_position < b_position))
+        return jnp.where(take_a, a_value, b_value), jnp.where(take_a, a_position, b_position)
+
+    inits = (jnp.float32(jnp.inf), jnp.int32(_NO_POSITION))
+    return lax.reduce((values, positions), inits, smaller, (1,))
+
+
+def smallest_k_by_rounds(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The k smallest entries of each row by k rounds of a row minimum (no sort, no top-k).
+
+    Round r takes the smallest ``(value, position)`` pair above the one round r − 1 took, in
+    lexicographic order, so no entry is masked out by a write: each round is one reduction over
+    the block whose mask fuses into its input. That costs k passes over the scores, which on a
+    GPU are memory-bound reductions (about 0.15 ms each for a 512 MiB block on an H200), where
+    XLA's top-k kernel sorts every row.
+
+    Args:
+      scores: float32 ``[R, M]``.
+      k: how many to keep, at most M.
+
+    Returns:
+      ``(values [R, k], positions [R, k] int32)``, ascending by ``(value, position)`` (the
+      order of :func:`top_k_smallest`; ``+inf`` entries are entries like any other). NaN
+      entries are never taken: a slot left without an entry holds ``+inf`` and position -1.
+    """
+    positions = lax.broadcasted_iota(jnp.int32, scores.shape, 1)
+    values, chosen = [], []
+    last_value = jnp.full(scores.shape[:1], -jnp.inf, jnp.float32)
+    last_position = jnp.full(scores.shape[:1], -1, jnp.int32)
+    for _ in range(k):
+        after = (scores > last_value[:, None]) | (
+            (scores == last_value[:, None]) & (positions > last_position[:, None])
+        )
+        last_value, last_position = _lexicographic_min(
+            jnp.where(after, scores, jnp.inf), jnp.where(after, positions, _NO_POSITION)
+        )
+        values.append(last_value)
+        chosen.append(last_position)
+    values = jnp.stack(values, axis=-1)
+    chosen = jnp.stack(chosen, axis=-1)
+    return values, jnp.where(chosen == _NO_POSITION, -1, chosen)
+
+
+# Columns per tile of the tiled top-k: the first top-k runs over rows this long.
+TILE_COLUMNS = 128
+
+
+def smallest_k_by_tiles(
+    scores: jax.Array, k: int, tile: int = TILE_COLUMNS
+) -> tuple[jax.Array, jax.Array]:
+    """The k smallest entries of each row: a top-k per tile of columns, then one of the survivors.
+
+    Each row's k smallest entries are among the k smallest of every tile of ``tile`` columns,
+    so the second top-k runs over ``k · M / tile`` survivors instead of M. Survivors are laid
+    out tile by tile, each tile's ascending, so equal values still come lowest position first.
+
+    Args:
+      scores: float32 ``[R, M]``, M a multiple of ``tile`` (``knn`` pads the class axis with its
+        padding score).
+      k: how many to keep, ``k <= tile``.
+      tile: columns per tile.
+
+    Returns:
+      ``(values [R, k], positions [R, k] int32)``, ascending by ``(value, position)``.
+    """
+    num_rows, num_cols = scores.shape
+    if num_cols % tile or k > tile:
+        raise ValueError(f"tiled top-k needs M={num_cols} a multiple of tile={tile} >= k={k}")
+    tiles = num_cols // tile
+    values, positions = top_k_smallest(scores.reshape(num_rows * tiles, tile), k)
+    positions = positions + tile * (jnp.arange(num_rows * tiles, dtype=jnp.int32) % tiles)[:, None]
+    values, chosen = top_k_smallest(values.reshape(num_rows, tiles * k), k)
+    return values, jnp.take_along_axis(positions.reshape(num_rows, tiles * k), chosen, axis=1)
+
+
+def tile_minima_size(num_cols: int, k: int) -> int:
+    """Columns per tile of :func:`smallest_k_by_tile_minima`: a power of two near √(M/k).
+
+    It balances the top-k over the M/T tile minima against the one over the k·T members.
+    """
+    return max(8, 2 ** round(math.log2(max(num_cols / k, 1.0)) / 2))
+
+
+def smallest_k_by_tile_minima(scores: jax.Array, k: int, tile: int) -> tuple[jax.Array, jax.Array]:
+    """The k smallest entries of each row from the members of the k tiles with the least minima.
+
+    The columns are cut into contiguous tiles of ``tile``; each tile's minimum is one short
+    reduction (one pass over the scores). The k smallest entries in ``(value, position)``
+    order lie in the k tiles whose ``(minimum, tile index)`` pairs are the smallest: each such
+    tile's first minimum comes before any entry of a tile outside them. Those tiles, put back
+    in index order, give k·T candidates in position order, and a stable top-k over them keeps
+    the lowest position among equal values.
+
+    Args:
+      scores: float32 ``[R, M]``, M a multiple of ``tile`` (``knn`` pads the class axis with
+        its padding score).
+      k: how many to keep.
+      tile: columns per tile (:func:`tile_minima_size`).
+
+    Returns:
+      ``(values [R, k], positions [R, k] int32)``, ascending by ``(value, position)``.
+    """
+    num_rows, num_cols = scores.shape
+    if num_cols % tile:
+        raise ValueError(f"tile minima need M={num_cols} a multiple of tile={tile}")
+    tiles = num_cols // tile
+    if tiles <= k:
+        return top_k_smallest(scores, k)
+    minima = jnp.min(scores.reshape(num_rows, tiles, tile), axis=-1)
+    _, chosen = top_k_smallest(minima, k)
+    chosen = jnp.sort(chosen, axis=1)
+    columns = (chosen[:, :, None] * tile + jnp.arange(tile, dtype=jnp.int32)).reshape(
+        num_rows, k * tile
+    )
+    values, picked = top_k_smallest(jnp.take_along_axis(scores, columns, axis=1), k)
+    return values, jnp.take_along_axis(columns, picked, axis=1)

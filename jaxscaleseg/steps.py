@@ -61,6 +61,7 @@ class LossSpec:
         queries×classes block held at once), or ``"auto"`` (``loss_plan.loss_plan``).
       pixels_per_chunk: pixels per chunk of the ESS loss, or ``"auto"``.
       table_gradient: how row gradients reach the class table (``losses.ess_objective``).
+      selection: how the exact searches select each block's k nearest (``knn.SEARCH_METHODS``).
       negatives: how each pixel's k negatives are chosen (``negatives.NEGATIVE_RULES``).
       separation_refresh_every: n, the separation term's nearest-other-class ids are searched
         on the steps ``step % n == 0`` and carried in the state between (1: every step).
@@ -79,6 +80,7 @@ class LossSpec:
     max_block_bytes: int | str = "auto"
     pixels_per_chunk: int | str = "auto"
     table_gradient: str = "auto"
+    selection: str = "auto"
     negatives: str = "nearest_other"
     separation_refresh_every: int = 1
     search: str = "auto"
@@ -110,6 +112,7 @@ class LossSpec:
             max_block_bytes=config.max_block_bytes,
             pixels_per_chunk=config.pixels_per_chunk,
             table_gradient=config.table_gradient,
+            selection=config.selection,
             negatives=config.negatives,
             separation_refresh_every=int(config.separation_refresh_every),
             search=config.search,
@@ -160,6 +163,7 @@ def compute_loss(
         max_block_bytes=spec.max_block_bytes,
         pixels_per_chunk=spec.pixels_per_chunk,
         table_gradient=spec.table_gradient,
+        search_method=spec.selection,
         negatives=spec.negatives,
         separation_ids=separation_ids,
         neighbor_ids=neighbor_ids,
@@ -184,6 +188,7 @@ def _refreshed_separation_ids(state: TrainState, spec: LossSpec) -> jax.Array | 
         spec.separation_refresh_every,
         normalize_classes=True,
         max_block_bytes=spec.max_block_bytes,
+        search_method=spec.selection,
     )
 
 

@@ -1,5 +1,7 @@
 """Nearest-class search against a float64 NumPy reference."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -228,3 +230,83 @@ def test_search_on_raw_rows_normalises_them(maybe_jit, method, budget):
     # Unnormalised, the long rows would rank differently.
     plain = np.asarray(knn.nearest_class_ids(queries, raw, 5, exclude=labels))
     assert (plain != ref_ids).any()
+
+
+@pytest.mark.parametrize("k,n", [(1, 128), (8, 256), (8, 1280), (3, 384), (16, 512), (2, 128)])
+def test_small_k_selections_are_a_stable_sort(maybe_jit, k, n):
+    """Rounds of minima, tile minima, tiled top-k: ascending (value, position), as lax.top_k."""
+    rng = np.random.default_rng(16)
+    values = rng.integers(0, 12, (40, n)).astype(np.float32)  # many exact ties
+    values[1] = 3.0  # a row of one value
+    values[2, : n // 2] = np.inf  # infinities in the first tiles
+    order = np.argsort(values, axis=1, kind="stable")[:, :k]
+    tile = selection.tile_minima_size(n, k)
+    for select in (
+        selection.top_k_smallest,
+        selection.smallest_k_by_rounds,
+        selection.smallest_k_by_tiles,
+        functools.partial(selection.smallest_k_by_tile_minima, tile=tile),
+    ):
+        got_values, positions = maybe_jit(lambda v, select=select: select(v, k))(values)
+        np.testing.assert_array_equal(np.asarray(positions), order, err_msg=str(select))
+        np.testing.assert_array_equal(
+            np.asarray(got_values), np.take_along_axis(values, order, axis=1)
+        )
+
+
+def test_rounds_skip_nan_and_fill_missing_slots_with_minus_one():
+    values = np.array([[np.nan, 2.0, np.nan, 1.0, np.inf]], np.float32)
+    got_values, positions = selection.smallest_k_by_rounds(values, 4)
+    np.testing.assert_array_equal(np.asarray(positions), [[3, 1, 4, -1]])
+    np.testing.assert_array_equal(np.asarray(got_values), [[1.0, 2.0, np.inf, np.inf]])
+
+
+@pytest.mark.parametrize("method", ["min_rounds", "tile_minima", "tiled_top_k"])
+@pytest.mark.parametrize("budget", [knn.DEFAULT_MAX_BLOCK_BYTES, 50_000])
+def test_gpu_selections_give_top_k_ids(method, budget):
+    """Same ids as the top_k path (whole table and column blocks), and the float64 reference.
+
+    Every class has a twin (the same row), so exact ties are everywhere: the lower id first.
+    """
+    queries, classes, rng = random_embeddings(17, 333, 700, 8)
+    classes = np.concatenate([classes, classes])  # class c + 700 is class c's twin
+    exclude = rng.integers(0, 1400, 333).astype(np.int32)
+
+    def search(q, e, x, method):
+        return knn.nearest_class_ids(q, e, 7, exclude=x, max_block_bytes=budget, method=method)
+
+    search = jax.jit(search, static_argnums=3)
+    ids = np.asarray(search(queries, classes, exclude, method))
+    np.testing.assert_array_equal(ids, np.asarray(search(queries, classes, exclude, "top_k")))
+    ref_d, ref_ids = reference.nearest(queries, classes, 7, exclude=exclude)
+    # Twins tie exactly in float64 too, so the references' stable order is the lower id first;
+    # rows whose ranking float32 cannot separate from another class are left out.
+    gaps = np.diff(reference.nearest(queries, classes[:700], 5)[0], axis=-1)
+    clear = (gaps > 1e-5).all(-1)
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(ids[clear], ref_ids[clear])
+
+
+@pytest.mark.parametrize("method", knn.SEARCH_METHODS[1:])
+def test_every_method_keeps_blocks_below_two_to_the_31_elements(method):
+    """The padded block (tiles, pyramid groups) stays below 2³¹ scores with any budget."""
+    for num_classes in [19, 130, 1284, 100_000, 10**7]:
+        for budget in [2**30, 2**36, 2**44]:
+            rows, cols, _, _ = knn._block_plan(method, 10**8, num_classes, budget, 8)
+            assert rows * cols < 2**31, (num_classes, budget, rows, cols)
+            if method == "tiled_top_k" and num_classes > selection.TILE_COLUMNS:
+                assert cols % selection.TILE_COLUMNS == 0
+            if method == "tile_minima":
+                assert cols % selection.tile_minima_size(num_classes, 8) == 0
+
+
+def test_config_selection_reaches_the_step_and_is_checked():
+    from jaxscaleseg import config_schema, steps  # noqa: PLC0415
+
+    config = config_schema.base_config()
+    config.loss.selection = "min_rounds"
+    config_schema.validate(config)
+    assert steps.LossSpec.from_config(config.loss).selection == "min_rounds"
+    config.loss.selection = "heap"
+    with pytest.raises(config_schema.ConfigError, match="loss.selection must be one of"):
+        config_schema.validate(config)

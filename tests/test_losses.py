@@ -403,11 +403,23 @@ def test_table_gradients_and_searches_match_reference(table_gradient, search_met
     )
 
 
-@pytest.mark.parametrize("table_gradient", ["auto", "matmul", "segment"])
-def test_gpu_sized_plan_runs_on_cpu_and_matches_reference(table_gradient):
+@pytest.mark.parametrize(
+    "table_gradient,selection",
+    [
+        ("auto", "auto"),
+        ("matmul", "auto"),
+        ("segment", "auto"),
+        # The small-k selections offered for GPUs (C = 300: padded to whole tiles).
+        ("auto", "min_rounds"),
+        ("auto", "tile_minima"),
+        ("auto", "tiled_top_k"),
+    ],
+)
+def test_gpu_sized_plan_runs_on_cpu_and_matches_reference(table_gradient, selection):
     """The plan a GPU gets (1 GiB blocks, 2¹⁸-pixel chunks, top_k; its table gradient), run here."""
-    plan = loss_plan.loss_plan("gpu", 300, table_gradient=table_gradient)
+    plan = loss_plan.loss_plan("gpu", 300, table_gradient=table_gradient, search_method=selection)
     assert plan.table_gradient == ("sorted" if table_gradient == "auto" else table_gradient)
+    assert plan.search_method == ("top_k" if selection == "auto" else selection)
     pixels, unit, rng = random_embeddings(50, 2000, 300, 8)
     raw = unit * rng.uniform(0.5, 2.0, (300, 1)).astype(np.float32)
     labels = rng.integers(-1, 300, 2000).astype(np.int32)
