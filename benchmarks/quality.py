@@ -25,17 +25,29 @@ gives the mean and the sample standard deviation over seeds, and the header the 
 Results go to ``benchmarks/results/quality_<preset>.csv`` (one row per cell) and ``.md``; each
 cell's workdir under ``--workdir``, so an interrupted benchmark resumes its unfinished cells and
 only re-evaluates the finished ones.
+
+Cells run in the order seed, class count, set, head (all cells of the first seed first, the
+preset's first class count first), so a run cut short has compared both heads on as many
+settings as it could. ``--jobs N`` runs N cells at once, each in its own process (with
+``--worker_count`` input workers; its output appended to ``quality_<preset>.log`` when it
+ends), the tables rewritten as each cell finishes; ``--time_limit_s T`` starts no cell that
+the cells finished so far say cannot end within T seconds of the start, stops the ones still
+running at T, and lists them, with the step each reached, under the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
+import json
 import math
 import os
 import platform
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -89,11 +101,13 @@ PRESETS = {
         steps=1600, batch=16, image_size=64, train_examples=4000, eval_examples=500,
         class_counts=(1284,), seeds=(0, 1),
     ),
+    # 1 284 first: the paper's class count (cells run in this order, see the docstring).
     "gpu": Preset(
         steps=4000, batch=32, image_size=64, train_examples=4000, eval_examples=500,
-        class_counts=(150, 1284, 10_000), seeds=(0, 1, 2), scale_examples=True,
+        class_counts=(1284, 10_000, 150), seeds=(0, 1, 2), scale_examples=True,
     ),
 }  # fmt: skip
+ROW_FILE = "quality_row.json"  # a finished cell's row, in its workdir (``--jobs``)
 
 
 def examples(preset: Preset, num_classes: int) -> tuple[int, int]:
@@ -102,7 +116,14 @@ def examples(preset: Preset, num_classes: int) -> tuple[int, int]:
     return math.ceil(preset.train_examples * scale), math.ceil(preset.eval_examples * scale)
 
 
-def make_config(preset: Preset, num_classes: int, head: str, seed: int, data: str = "uniform"):
+def make_config(
+    preset: Preset,
+    num_classes: int,
+    head: str,
+    seed: int,
+    data: str = "uniform",
+    worker_count: int | str = "auto",
+):
     """The demo config changed to one benchmark cell.
 
     Args:
@@ -112,6 +133,7 @@ def make_config(preset: Preset, num_classes: int, head: str, seed: int, data: st
       seed: training seed (initialisation, data order, augmentation); the dataset itself is
         the synthetic set's seed 0 for every cell.
       data: one of ``SETS``.
+      worker_count: input worker processes (``dataset.worker_count``).
 
     Returns:
       A validated, locked ``ConfigDict``.
@@ -139,6 +161,7 @@ def make_config(preset: Preset, num_classes: int, head: str, seed: int, data: st
     config.log_every_steps = max(1, min(50, preset.steps // 4))
     config.progress_bar = False
     config.model.backbone = preset.backbone
+    config.dataset.worker_count = worker_count
     config_schema.validate(config)
     config.lock()
     return config
@@ -172,10 +195,16 @@ def step_seconds(logged: list[dict]) -> float:
 
 
 def run_cell(
-    preset: Preset, num_classes: int, head: str, seed: int, data: str, workdir: Path
+    preset: Preset,
+    num_classes: int,
+    head: str,
+    seed: int,
+    data: str,
+    workdir: Path,
+    worker_count: int | str = "auto",
 ) -> dict:
     """Trains (or resumes) one cell, evaluates its last checkpoint and returns its row."""
-    config = make_config(preset, num_classes, head, seed, data)
+    config = make_config(preset, num_classes, head, seed, data, worker_count)
     start = time.perf_counter()
     result = training.train_and_evaluate(config, workdir)
     scores = evaluation.run(config, workdir, checkpoint="latest", print_classes=0)
@@ -247,6 +276,140 @@ def describe(preset: Preset) -> str:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One benchmark cell: a class count, a set, a seed and a head."""
+
+    num_classes: int
+    data: str
+    seed: int
+    head: str
+
+    @property
+    def name(self) -> str:
+        return f"C{self.num_classes}_{self.data}_{self.head}_seed{self.seed}"
+
+
+def cell_order(preset: Preset, heads) -> list[Cell]:
+    """The cells in the order they run: by seed, then class count, set and head."""
+    return [
+        Cell(num_classes, data, seed, head)
+        for seed in preset.seeds
+        for num_classes in preset.class_counts
+        for data in preset.sets
+        for head in heads
+    ]
+
+
+def _report(cell: Cell, row: dict) -> None:
+    print(
+        f"  C = {cell.num_classes:,} {cell.data} {cell.head} seed {cell.seed}: mIoU "
+        f"{row['mIoU']:.4f} (rare {row['mIoU_rare']:.4f}, common {row['mIoU_common']:.4f}, "
+        f"frequent {row['mIoU_frequent']:.4f}; {row['seconds_this_call']:.0f} s)",
+        flush=True,
+    )
+
+
+def last_logged_step(workdir: Path) -> int:
+    """The last training step a cell's workdir logged (0: none)."""
+    if not (workdir / "metrics.jsonl").exists():
+        return 0
+    steps = [m["step"] for m in workdir_lib.read_metrics(workdir) if "train_loss" in m]
+    return max(steps, default=0)
+
+
+@dataclasses.dataclass
+class _Job:
+    cell: Cell
+    process: subprocess.Popen
+    started: float
+    log: Path
+
+
+def run_jobs(
+    cells: list[Cell],
+    argv: list[str],
+    root: Path,
+    jobs: int,
+    time_limit_s: float,
+    log_path: Path,
+    on_row,
+) -> list[str]:
+    """Runs each cell in its own process, ``jobs`` at once, within ``time_limit_s`` (0: none).
+
+    Args:
+      cells: in the order they start.
+      argv: this command's arguments (each child adds ``--cell``).
+      root: the preset's workdir folder (``<workdir>/<preset>``).
+      jobs: processes at once.
+      time_limit_s: seconds from now after which running cells are stopped (0: no limit).
+      log_path: the children's output is appended here as each ends.
+      on_row: ``on_row(cell, row)`` for each finished cell.
+
+    Returns:
+      One line per cell that did not finish (crashed, stopped at the limit, not started).
+    """
+    start = time.monotonic()
+    queue, running, durations, unfinished = list(cells), [], [], []
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # The children import this package from wherever the parent runs.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    # Cells share the accelerator: no process may take most of its memory up front.
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+    def end(job: _Job, status: str) -> None:
+        seconds = time.monotonic() - job.started
+        with open(log_path, "a") as f:
+            f.write(f"===== {job.cell.name}: {status} after {seconds:.0f} s\n")
+            f.write(job.log.read_text(errors="replace") + "\n")
+        print(f"[{time.monotonic() - start:6.0f} s] {job.cell.name}: {status}", flush=True)
+
+    while queue or running:
+        elapsed = time.monotonic() - start
+        # A cell starts only if the cells finished so far say it can end within the limit.
+        expected = statistics.mean(durations) if durations else 0.0
+        while queue and len(running) < jobs:
+            if time_limit_s and elapsed + expected > time_limit_s:
+                unfinished += [f"{c.name}: not started (time limit)" for c in queue]
+                queue = []
+                break
+            cell = queue.pop(0)
+            workdir = root / cell.name
+            workdir.mkdir(parents=True, exist_ok=True)
+            (workdir / ROW_FILE).unlink(missing_ok=True)
+            log = workdir / "quality_cell.log"
+            command = [sys.executable, "-m", "benchmarks.quality", *argv]
+            command += ["--cell", json.dumps(dataclasses.asdict(cell))]
+            with open(log, "w") as out:
+                process = subprocess.Popen(
+                    command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
+            running.append(_Job(cell, process, time.monotonic(), log))
+        time.sleep(0.5)
+        late = time_limit_s and time.monotonic() - start > time_limit_s
+        for job in list(running):
+            code = job.process.poll()
+            if code is None and not late:
+                continue
+            running.remove(job)
+            workdir = root / job.cell.name
+            if code is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(job.process.pid, signal.SIGKILL)
+                job.process.wait()
+                status = f"stopped at the time limit at step {last_logged_step(workdir)}"
+            elif code == 0 and (workdir / ROW_FILE).exists():
+                durations.append(time.monotonic() - job.started)
+                on_row(job.cell, json.loads((workdir / ROW_FILE).read_text()))
+                status = "ok"
+            else:
+                status = f"crashed (exit code {code})"
+            end(job, status)
+            if status != "ok":
+                unfinished.append(f"{job.cell.name}: {status}")
+    return unfinished
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -262,6 +425,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--heads", nargs="*", choices=HEADS, default=list(HEADS))
     parser.add_argument("--workdir", default="workdirs/quality", help="run directories")
     parser.add_argument("--output_dir", default=str(RESULTS))
+    parser.add_argument(
+        "--jobs", type=int, default=0, help="cells at once, each its own process (0: in this one)"
+    )
+    parser.add_argument(
+        "--time_limit_s", type=float, default=0, help="stop cells after this (0: no limit)"
+    )
+    parser.add_argument(
+        "--worker_count",
+        default="auto",
+        help="input workers per cell ('auto': dataset.worker_count's; with --jobs, CPUs/jobs)",
+    )
+    parser.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell (--jobs)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     overrides = {
         "class_counts": tuple(args.classes) if args.classes else None,
@@ -277,38 +453,64 @@ def main(argv: list[str] | None = None) -> list[dict]:
     preset = dataclasses.replace(
         PRESETS[args.preset], **{k: v for k, v in overrides.items() if v is not None}
     )
+    workers = args.worker_count
+    if workers == "auto" and args.jobs:
+        workers = max(1, (os.cpu_count() or 1) // args.jobs - 1)
+    workers = workers if workers == "auto" else int(workers)
+    root = Path(args.workdir) / args.preset
+    if args.cell:  # a child of --jobs: one cell, its row into its workdir
+        cell = Cell(**json.loads(args.cell))
+        workdir = root / cell.name
+        row = run_cell(preset, cell.num_classes, cell.head, cell.seed, cell.data, workdir, workers)
+        (workdir / ROW_FILE).write_text(json.dumps(row))
+        return [row]
     print(describe(preset), flush=True)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"quality_{args.preset}"
-    command = "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.quality " + " ".join(argv)
     start = time.perf_counter()
-    rows = []
-    for num_classes in preset.class_counts:
-        for data in preset.sets:
-            for seed in preset.seeds:
-                for head in args.heads:
-                    name = f"C{num_classes}_{data}_{head}_seed{seed}"
-                    workdir = Path(args.workdir) / args.preset / name
-                    row = run_cell(preset, num_classes, head, seed, data, workdir)
-                    rows.append(row)
-                    print(
-                        f"  C = {num_classes:,} {data} {head} seed {seed}: mIoU "
-                        f"{row['mIoU']:.4f} (rare {row['mIoU_rare']:.4f}, common "
-                        f"{row['mIoU_common']:.4f}, frequent {row['mIoU_frequent']:.4f}; "
-                        f"{row['seconds_this_call']:.0f} s)",
-                        flush=True,
-                    )
-                    total = time.perf_counter() - start
-                    header = (
-                        f"`{command.strip()}`\n\n{describe(preset)}\n\n"
-                        f"Total wall time of this call: {total / 60:.1f} min "
-                        f"({len(rows)} cells; finished cells found in the workdir are only "
-                        "re-evaluated)."
-                    )
-                    write_tables(rows, stem, header, markdown(rows))
+    rows, unfinished = [], []
+
+    def write(cell: Cell, row: dict | None) -> None:
+        if row is not None:
+            rows.append(row)
+            _report(cell, row)
+        total = time.perf_counter() - start
+        header = (
+            f"`{command.strip()}`\n\n{describe(preset)}\n\n"
+            f"Total wall time of this call: {total / 60:.1f} min "
+            f"({len(rows)} cells; finished cells found in the workdir are only "
+            "re-evaluated)."
+        )
+        table = markdown(rows)
+        if unfinished:
+            table += "\n\nNot finished:\n" + "\n".join(f"- {line}" for line in unfinished)
+        write_tables(rows, stem, header, table)
+
+    cells = cell_order(preset, args.heads)
+    if args.jobs:
+        jobs_argv = [a for a in argv if a != "--cell"]
+        log_path = Path(f"{stem}.log")
+        log_path.write_text("")
+        unfinished += run_jobs(
+            cells, jobs_argv, root, args.jobs, args.time_limit_s, log_path, write
+        )
+    else:
+        for index, cell in enumerate(cells):
+            if args.time_limit_s and time.perf_counter() - start > args.time_limit_s:
+                unfinished += [f"{c.name}: not started (time limit)" for c in cells[index:]]
+                break
+            row = run_cell(
+                preset, cell.num_classes, cell.head, cell.seed, cell.data, root / cell.name,
+                workers,
+            )  # fmt: skip
+            write(cell, row)
+    write(cells[0], None)  # the final header and the unfinished cells
     print()
     print(markdown(rows))
+    for line in unfinished:
+        print(f"not finished: {line}")
     print(f"total wall time {(time.perf_counter() - start) / 60:.1f} min", flush=True)
     return rows
 

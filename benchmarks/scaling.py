@@ -134,6 +134,8 @@ def step_parts(config, image_shape: tuple[int, int, int, int]) -> StepParts:
             params=variables["params"],
             tx=tx,
             batch_stats=variables.get("batch_stats", {}),
+            # The separation ids or the approximate search's index, where the loss carries them.
+            **steps.carried_state(config, variables["params"]),
         )
 
     def init(key):

@@ -408,25 +408,36 @@ def create_train_state(
 
         variables = pretrained.merge_backbone(variables, backbone)
     tx = optim.make_optimizer(config.optim, config.num_train_steps)
-    separation_ids = None
-    if LossSpec.from_config(config.loss).carries_separation_ids:
-        # Searched on step 0 (0 % n == 0) before any use.
-        separation_ids = jnp.zeros((config.dataset.num_classes,), jnp.int32)
-    class_index = None
-    if LossSpec.from_config(config.loss).approximate(config.dataset.num_classes):
-        if config.loss.negatives != "nearest_other":
-            raise ConfigError("loss.search='approximate' takes loss.negatives='nearest_other'")
-        class_index = knn_index.build_index(
-            variables["params"]["class_embedding"], normalize_classes=True
-        )._asdict()
     return TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
         tx=tx,
         batch_stats=variables.get("batch_stats", {}),
-        separation_ids=separation_ids,
-        class_index=class_index,
+        **carried_state(config, variables["params"]),
     )
+
+
+def carried_state(config: ml_collections.ConfigDict, params: Any) -> dict[str, Any]:
+    """The loss's state a fresh ``TrainState`` carries besides the model and optimiser.
+
+    Returns:
+      ``{"separation_ids": ..., "class_index": ...}``: int32 ``[C]`` zeros (searched on step
+      0) when ``loss.separation_refresh_every > 1``, and the approximate search's index of the
+      initial table when the loss searches approximately; None otherwise.
+    """
+    spec = LossSpec.from_config(config.loss)
+    separation_ids = None
+    if spec.carries_separation_ids:
+        # Searched on step 0 (0 % n == 0) before any use.
+        separation_ids = jnp.zeros((config.dataset.num_classes,), jnp.int32)
+    class_index = None
+    if spec.approximate(config.dataset.num_classes):
+        if config.loss.negatives != "nearest_other":
+            raise ConfigError("loss.search='approximate' takes loss.negatives='nearest_other'")
+        class_index = knn_index.build_index(
+            params["class_embedding"], normalize_classes=True
+        )._asdict()
+    return {"separation_ids": separation_ids, "class_index": class_index}
 
 
 def pretrained_backbone(config: ml_collections.ConfigDict, *, fetch_only: bool = False):
@@ -462,6 +473,7 @@ __all__ = [
     "LossSpec",
     "TrainState",
     "abstract_train_state",
+    "carried_state",
     "compute_loss",
     "check_variable_shapes",
     "create_train_state",

@@ -65,9 +65,36 @@ def test_quality_benchmark_trains_both_heads_with_the_same_budget(tmp_path):
         assert len(list(csv.DictReader(f))) == 2
     table = (tmp_path / "quality_cpu.md").read_text()
     assert "| 20 | long_tail | ess | 1 |" in table and "Total wall time" in table
-    # A rerun finds both runs finished and only re-evaluates them.
-    again = quality.main(args)
-    assert [r["mIoU"] for r in again] == pytest.approx([r["mIoU"] for r in rows])
+    # A rerun finds both runs finished and only re-evaluates them (here each in its own
+    # process, two at once, as on a GPU).
+    again = quality.main([*args, "--jobs", "2"])
+    by_head = {r["head"]: r["mIoU"] for r in rows}
+    assert {r["head"]: r["mIoU"] for r in again} == pytest.approx(by_head)
+    log = (tmp_path / "quality_cpu.log").read_text()
+    assert "C20_long_tail_ess_seed0: ok" in log and "C20_long_tail_softmax_seed0: ok" in log
+    # A time limit stops the running cell and starts no other; the table lists both.
+    cut = quality.main(
+        [*args[:-4], "--workdir", str(tmp_path / "cut"), "--output_dir", str(tmp_path / "cut"),
+         "--jobs", "1", "--time_limit_s", "0.5"]
+    )  # fmt: skip
+    assert cut == []
+    table = (tmp_path / "cut" / "quality_cpu.md").read_text()
+    assert "- C20_long_tail_ess_seed0: stopped at the time limit at step 0" in table
+    assert "- C20_long_tail_softmax_seed0: not started (time limit)" in table
+
+
+def test_quality_cells_run_seed_by_seed_and_the_gpu_preset_starts_at_1284():
+    from benchmarks import quality
+
+    cells = quality.cell_order(quality.PRESETS["gpu"], quality.HEADS)
+    assert len(cells) == 3 * 2 * 3 * 2
+    assert [c.name for c in cells[:4]] == [
+        "C1284_uniform_ess_seed0",
+        "C1284_uniform_softmax_seed0",
+        "C1284_long_tail_ess_seed0",
+        "C1284_long_tail_softmax_seed0",
+    ]
+    assert {c.seed for c in cells[:12]} == {0} and cells[12].seed == 1
 
 
 def test_approx_search_benchmark_reports_recall_and_times():

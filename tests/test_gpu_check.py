@@ -12,6 +12,7 @@ from benchmarks import gpu_check
 
 ROOT = Path(__file__).resolve().parents[1]
 CRASHED = "loss C=40 sorted"
+OUT_OF_MEMORY = "step tiny C=40 ess min_rounds"
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,7 @@ def tiny_run(tmp_path_factory):
     """One ``--preset tiny`` run in which the piece ``CRASHED`` aborts."""
     output_dir = tmp_path_factory.mktemp("gpu_check")
     scratch_dir = tmp_path_factory.mktemp("gpu_check_scratch")
-    env = dict(os.environ, **{gpu_check.CRASH_ENV: CRASHED})
+    env = dict(os.environ, **{gpu_check.CRASH_ENV: CRASHED, gpu_check.OOM_ENV: OUT_OF_MEMORY})
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     result = subprocess.run(
         [
@@ -53,10 +54,20 @@ def test_tiny_run_writes_every_row(tiny_run):
     assert versions["backend"] == "cpu" and "jax" in versions["packages"]
     (atomics,) = [r for r in rows if r["kind"] == "atomics"]
     assert atomics["verdict"].startswith("no PTX") and atomics["hlo_has_scatter"]
-    steps = {(r["C"], r["head"]): r for r in rows if r["kind"] == "step"}
-    assert set(steps) == {(40, "ess"), (40, "softmax")}
+    steps = {(r["C"], r["head"], gpu_check._variant(r)): r for r in rows if r["kind"] == "step"}
+    assert set(steps) == {
+        (40, "ess", ""),
+        (40, "softmax", ""),
+        (40, "ess", "min_rounds"),
+        (40, "ess", "approximate"),
+    }
+    # The ESS step with the selection made to fail compiling "does not fit", and says why.
+    failed = steps.pop((40, "ess", "min_rounds"))
+    assert not failed["fits"] and failed["note"] == "out of memory while compiling"
     assert all(r["fits"] and r["step_seconds"] > 0 for r in steps.values())
-    assert steps[40, "ess"]["plan"]["table_gradient"] == "scatter"  # CPU's auto plan
+    assert steps[40, "ess", ""]["plan"]["table_gradient"] == "scatter"  # CPU's auto plan
+    assert steps[40, "ess", ""]["plan"]["search_method"] == "pyramid"
+    assert steps[40, "ess", "approximate"]["search"] == "approximate"
     (profile,) = [r for r in rows if r["kind"] == "profile"]
     assert 1 <= len(profile["top_ops"]) <= 10 and profile["ops_source"].startswith("host")
     assert all(0 < op["share"] for op in profile["top_ops"])
@@ -64,20 +75,30 @@ def test_tiny_run_writes_every_row(tiny_run):
     for heading in ("## ESS loss", "## Train step", "## Profile", "## Pieces"):
         assert heading in summary
     assert "ESS / softmax step time" in summary and "floor" in summary
+    assert "| tiny | 40 | ess | min_rounds | — | out of memory while compiling | — |" in summary
+    assert "ESS with approximate:" in summary and "(issue 15: at most 2)" in summary
 
 
 def test_a_crashing_piece_loses_only_its_row(tiny_run):
     output_dir, rows = tiny_run
-    losses = {r["table_gradient"]: r for r in rows if r["kind"] == "loss"}
-    assert set(losses) == {"scatter", "matmul", "segment"}  # "sorted" crashed
-    # The surviving methods agree (float32 sums in another order: relative 1e-5).
-    for method in ("matmul", "segment"):
-        assert losses[method]["value"] == pytest.approx(losses["scatter"]["value"], rel=1e-5)
-        assert losses[method]["table_grad_norm"] == pytest.approx(
-            losses["scatter"]["table_grad_norm"], rel=1e-5
-        )
+    losses = {(r["table_gradient"], r["selection"]): r for r in rows if r["kind"] == "loss"}
+    # On CPU "auto" is scatter and the pyramid; ("sorted", "pyramid") crashed.
+    assert set(losses) == {
+        ("scatter", "pyramid"),
+        ("matmul", "pyramid"),
+        ("segment", "pyramid"),
+        ("scatter", "min_rounds"),
+        ("scatter", "tile_minima"),
+    }
+    # The surviving methods agree (float32 sums in another order: relative 1e-5; the
+    # selections find the same ids, so their sums are the same).
+    reference = losses["scatter", "pyramid"]
+    for row in losses.values():
+        assert row["value"] == pytest.approx(reference["value"], rel=1e-5)
+        assert row["table_grad_norm"] == pytest.approx(reference["table_grad_norm"], rel=1e-5)
     status = {r["piece"]: r["status"] for r in rows if r["kind"] == "status"}
     assert status[CRASHED].startswith("crashed")
+    # The compile that ran out of memory wrote its row and ended normally.
     assert all(s == "ok" for piece, s in status.items() if piece != CRASHED), status
     assert f"| {CRASHED} | crashed" in (output_dir / gpu_check.SUMMARY).read_text()
     # The output folder keeps only what is worth copying back (trace and dump are in scratch).
@@ -106,15 +127,59 @@ def test_full_preset_plan_puts_the_acceptance_first(tmp_path):
     pieces = gpu_check.plan_pieces(gpu_check.PRESETS["full"], tmp_path, input_workers=8)
     names = [p.name for p in pieces]
     assert names[:2] == ["versions", "atomics"]
-    assert names[2:6] == [
+    assert names[2:10] == [
         "step mobilenet_v2 C=1284 ess",
         "step mobilenet_v2 C=1284 softmax",
         "step resnet101 C=1284 ess + profile",
         "step resnet101 C=1284 softmax",
+        "step mobilenet_v2 C=1284 ess min_rounds",
+        "step resnet101 C=1284 ess min_rounds",
+        "step mobilenet_v2 C=1284 ess tile_minima",
+        "step resnet101 C=1284 ess tile_minima",
     ]
+    assert names[10:14] == ["loss C=19 auto", *(f"loss C=19 auto {s}" for s in SELECTIONS)]
     assert sum(n.startswith("loss") for n in names) == 12
-    assert sum(n.startswith("step") for n in names) == 16
+    # 16 cells of the first run, 4 with other selections, the approximate search at 100 000.
+    assert sum(n.startswith("step") for n in names) == 21
+    assert "step resnet101 C=100000 ess approximate" in names
+    # The class counts outside the acceptance come last (the first to be cut by the budget).
+    assert names.index("input") < names.index("step mobilenet_v2 C=150 ess")
     assert len(set(names)) == len(names)
+
+
+SELECTIONS = ("min_rounds", "tile_minima", "tiled_top_k")
+
+
+def test_out_of_memory_crashes_are_does_not_fit():
+    # The H200's error when XLA's autotuner could not allocate a softmax step's buffers.
+    error = (
+        "jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Failed to get configs for: 10 out of "
+        "466 instructions. Out of memory while trying to allocate 781.27GiB with allocator"
+    )
+    compiling = f"{gpu_check.COMPILING}\n{error}"
+    assert gpu_check.exit_status("crashed (exit code 1)", compiling) == (
+        "does not fit (crashed in compile)"
+    )
+    running = f"{gpu_check.COMPILING}\n{gpu_check.RUNNING}\n{error}"
+    assert gpu_check.exit_status("crashed (exit code 1)", running).startswith(
+        "does not fit (out of memory while running"
+    )
+    other = "CUDA_ERROR_ILLEGAL_ADDRESS"
+    assert gpu_check.exit_status("crashed (exit code -6)", other) == "crashed (exit code -6)"
+    piece = gpu_check.Piece("step resnet101 C=100000 softmax", "step", {}, 1)
+    piece.args.update(backbone="resnet101", num_classes=100_000, head="softmax", trace=False)
+    row = gpu_check.crashed_step_row(piece, "does not fit (crashed in compile)")
+    assert row["fits"] is False and row["compiled_peak_mb"] is None
+
+
+def test_softmax_cells_too_big_for_the_device_are_not_compiled():
+    # 8 bytes per pixel and class: the H200's 16.0 MB per class at N = 8·512².
+    assert gpu_check.softmax_peak_lower_bound(8, 512, 1) == 16 * 2**20
+    h200 = 0.95 * 141 * 2**30  # the pieces' memory fraction of the H200
+    bound = gpu_check.softmax_peak_lower_bound
+    assert bound(8, 512, 1284) < 0.9 * h200  # compiled 24 111 MB: fits
+    # ResNet-101 compiled to 162 472 MB at 10 000 classes; 100 000 crashed in the autotuner.
+    assert bound(8, 512, 10_000) > 0.9 * h200 and bound(8, 512, 100_000) > 0.9 * h200
 
 
 def test_summary_of_gpu_like_rows(tmp_path):
@@ -132,14 +197,21 @@ def test_summary_of_gpu_like_rows(tmp_path):
         step(1284, "softmax", 24000.0, 0.06),
         step(100_000, "ess", 4100.0, 0.5),
         step(100_000, "softmax", 900_000.0),
+        {**step(10_000, "softmax", 160_000.0), "peak_estimated": True},
+        {**step(1284, "ess", 4000.0, 0.035), "selection_setting": "min_rounds"},
+        {**step(100_000, "ess", 4000.0, 0.06), "search": "approximate"},
         {"kind": "matmul", "square_size": 8192, "square_tflops": 50.0},
         {"kind": "status", "piece": "step resnet101 C=100000 ess", "status": "ok", "seconds": 1.0},
     ]
-    rows[4].update(search_shape=[131072, 13, 8192], search_tflops=5.0)
+    rows[7].update(search_shape=[131072, 13, 8192], search_tflops=5.0)
     for row in rows:
         gpu_check.append_row(tmp_path, row)
     summary = gpu_check.summarize(tmp_path)
-    assert "| resnet101 | 100,000 | softmax | 900,000.0 MB | does not fit | — |" in summary
+    assert "| resnet101 | 100,000 | softmax |  | 900,000.0 MB | does not fit | — |" in summary
+    assert "| 10,000 | softmax |  | ≥ 160,000.0 MB (logits, not compiled) | does not fit" in summary
+    assert "C = 1,284, ESS with min_rounds: 0.0350 s, 0.50 × the default ESS step" in summary
+    assert "0.58 × softmax" in summary
+    assert "approximate ESS step at C = 100,000 / exact ESS step at C = 1,284 = 0.86" in summary
     assert "C = 1,284: ESS / softmax step time = 1.17" in summary
     assert "ESS compiled peak at C = 100,000 vs C = 1,284: +2.5 %" in summary
     # 2·N·C·(D+1) with N = 8·512², C = 100 000, D = 12, at 50 TFLOP/s.
