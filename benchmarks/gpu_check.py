@@ -147,7 +147,7 @@ PRESETS = {
             ("auto", "min_rounds"),
             ("auto", "tile_minima"),
         ),
-        step_selections=("min_rounds",),
+        step_selections=("min_rounds", "tile_minima"),
         approximate=True,
         profile=("tiny", 40),
         repeats=2,
@@ -431,7 +431,7 @@ def piece_loss(
 # preset). Without the rest of the step it is a lower bound of the peak.
 SOFTMAX_BYTES_PER_PIXEL_CLASS = 8
 # Words of an out-of-memory error, in a piece's output (XLA's autotuner and allocator).
-OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM")
+OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory")
 # Printed by a step piece before it compiles and before it runs (its log tells which one died).
 COMPILING, RUNNING = "gpu_check: compiling", "gpu_check: running"
 # Set to a piece's name to make its compile raise an out-of-memory error (tests).

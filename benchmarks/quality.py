@@ -355,7 +355,7 @@ def run_jobs(
     # The children import this package from wherever the parent runs.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     # Cells share the accelerator: no process may take most of its memory up front.
-    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
 
     def end(job: _Job, status: str) -> None:
         seconds = time.monotonic() - job.started
@@ -434,7 +434,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--worker_count",
         default="auto",
-        help="input workers per cell ('auto': dataset.worker_count's; with --jobs, CPUs/jobs)",
+        help="input workers per cell ('auto': dataset.worker_count's; with --jobs, CPUs/jobs"
+        " - 1); a cell resumes only with the count it was started with",
     )
     parser.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell (--jobs)
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -464,6 +465,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         row = run_cell(preset, cell.num_classes, cell.head, cell.seed, cell.data, workdir, workers)
         (workdir / ROW_FILE).write_text(json.dumps(row))
         return [row]
+    if args.jobs:
+        # Set before this process first touches jax: it must not take the accelerator's memory
+        # that the cells' processes need (they inherit the setting).
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     print(describe(preset), flush=True)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

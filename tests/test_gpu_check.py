@@ -59,6 +59,7 @@ def test_tiny_run_writes_every_row(tiny_run):
         (40, "ess", ""),
         (40, "softmax", ""),
         (40, "ess", "min_rounds"),
+        (40, "ess", "tile_minima"),
         (40, "ess", "approximate"),
     }
     # The ESS step with the selection made to fail compiling "does not fit", and says why.
@@ -77,6 +78,7 @@ def test_tiny_run_writes_every_row(tiny_run):
     assert "ESS / softmax step time" in summary and "floor" in summary
     assert "| tiny | 40 | ess | min_rounds | — | out of memory while compiling | — |" in summary
     assert "ESS with approximate:" in summary and "(issue 15: at most 2)" in summary
+    assert "C = 40, ESS with tile_minima:" in summary
 
 
 def test_a_crashing_piece_loses_only_its_row(tiny_run):
@@ -217,3 +219,15 @@ def test_summary_of_gpu_like_rows(tmp_path):
     # 2·N·C·(D+1) with N = 8·512², C = 100 000, D = 12, at 50 TFLOP/s.
     flops = 2 * 8 * 512**2 * 100_000 * 13
     assert f"{flops:.3g} flops takes {flops / 50e12:.4f} s" in summary
+
+
+def test_next_device_command_is_ready():
+    """BENCHMARKS' prepared command fits the device tool (2 000 characters) and its script parses."""
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    section = text.split("#### Next device session", 1)[1]
+    command = section.split("```bash\n", 1)[1].split("\n```", 1)[0]
+    assert "\n" not in command and len(command) <= 2000
+    assert f"({len(command)} characters)" in section
+    assert "bash benchmarks/device_session.sh $OUT" in command
+    script = ROOT / "benchmarks" / "device_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
