@@ -17,6 +17,9 @@ mode=${3:-full}
 python=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 mkdir -p "$out/gpu_check" "$out/quality"
+# The carried wheels (BENCHMARKS.md §2): without them the quality cells cannot start.
+"$python" -c "import ml_collections, grain, tensorboardX" ||
+  echo "WARNING: a carried wheel is missing; make .whl/ as BENCHMARKS.md §2 says"
 if [ "$mode" = tiny ]; then
   budget=150
   check=(--preset tiny)

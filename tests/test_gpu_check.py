@@ -222,7 +222,7 @@ def test_summary_of_gpu_like_rows(tmp_path):
 
 
 def test_next_device_command_is_ready():
-    """BENCHMARKS' prepared command fits the device tool (2 000 characters) and its script parses."""
+    """The prepared device command fits the tool (2 000 characters) and its script parses."""
     text = (ROOT / "BENCHMARKS.md").read_text()
     section = text.split("#### Next device session", 1)[1]
     command = section.split("```bash\n", 1)[1].split("\n```", 1)[0]
