@@ -16,10 +16,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
+import ml_collections
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from jaxscaleseg import inference
 from jaxscaleseg.errors import UserError, one_line
 
 FLAGS = flags.FLAGS
@@ -40,6 +42,12 @@ FLIP = flags.DEFINE_boolean("flip", None, "Horizontal-flip test-time augmentatio
 SCALES = flags.DEFINE_string(
     "scales", None, "Test scales, comma-separated, or 'common' (0.5,0.75,...,1.75)."
 )
+SEARCH = flags.DEFINE_enum(
+    "search",
+    None,
+    ["exact", "approximate"],
+    "Embedding head: exact nearest class, or the approximate stride-4 union search.",
+)
 OUTPUT = flags.DEFINE_string(
     "output", None, "Where to write: the pictures' directory (predict), the .npz (convert_weights)."
 )
@@ -52,9 +60,10 @@ SHARED_FLAGS = (
     "stride",
     "flip",
     "scales",
+    "search",
     "output",
 )
-INFERENCE_FLAGS = ("checkpoint", "mode", "crop_size", "stride", "flip", "scales")
+INFERENCE_FLAGS = ("checkpoint", "mode", "crop_size", "stride", "flip", "scales", "search")
 
 # Errors raised while absl parses the flags: bad values, and a config file that does not load
 # (missing, syntax error, unknown field in --config.key=value).
@@ -87,9 +96,68 @@ def refuse_arguments(argv: Sequence[str]) -> None:
 
 
 def inference_flags() -> dict[str, str | bool | None]:
-    """The inference flags as given (None: not given), for ``inference.settings_from_text``."""
-    names = ("mode", "crop_size", "stride", "flip", "scales")
+    """The inference flags as given (None: not given), for :func:`settings_from_text`."""
+    names = ("mode", "crop_size", "stride", "flip", "scales", "search")
     return {n: FLAGS[n].value for n in names}
+
+
+def _pair(text: str | None, name: str) -> tuple[int, int] | None:
+    """``"H,W"`` (or ``"HxW"``, or one number for both) as two positive ints; None stays None."""
+    if text is None:
+        return None
+    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or min(values) < 1:
+        raise UserError(f"--{name} must be H,W (positive integers), got {text!r}")
+    return values
+
+
+def _scales(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    if text.strip() == "common":
+        return inference.COMMON_SCALES
+    try:
+        return tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise UserError(f"--scales must be numbers or 'common', got {text!r}") from None
+
+
+def settings_from_text(
+    config: ml_collections.ConfigDict,
+    *,
+    mode: str | None = None,
+    crop_size: str | None = None,
+    stride: str | None = None,
+    flip: bool | None = None,
+    scales: str | None = None,
+    search: str | None = None,
+) -> inference.InferenceSettings:
+    """Settings from the config's ``inference`` section overridden by command-line text.
+
+    ``crop_size``/``stride`` are ``"H,W"``, ``scales`` comma-separated numbers or ``common``;
+    None keeps the config's value.
+
+    Raises:
+      UserError: a value that does not parse or describes no valid settings.
+    """
+    try:
+        return inference.InferenceSettings.from_config(
+            config,
+            mode=mode,
+            crop_size=_pair(crop_size, "crop_size"),
+            stride=_pair(stride, "stride"),
+            flip=flip,
+            scales=_scales(scales),
+            search=search,
+        )
+    except ValueError as e:
+        raise UserError(one_line(e)) from e
 
 
 def _summary(error: BaseException) -> str:

@@ -2,15 +2,17 @@
 
     python -m jaxscaleseg.evaluate --config configs/synthetic.py --workdir workdirs/demo \\
         [--checkpoint best|latest|STEP] [--split validation] \\
-        [--mode slide --crop_size 512,512 --stride 341,341] [--flip] [--scales common]
+        [--mode slide --crop_size 512,512 --stride 341,341] [--flip] [--scales common] \\
+        [--search approximate]
 
 Every labelled pixel of every image counts once, at the image's own size (the padding the
 evaluation pipeline adds to form batches is cropped away before inference). Inference is
 whole-image or sliding-window, optionally with horizontal-flip and multi-scale test-time
 augmentation (``--scales common`` = 0.5, 0.75, ..., 1.75), merged in embedding space for the
 embedding head (see :mod:`jaxscaleseg.inference`). Defaults come from the config's optional
-``inference`` section (``mode``, ``crop_size``, ``stride``, ``flip``, ``scales``), flags
-override them.
+``inference`` section (``mode``, ``crop_size``, ``stride``, ``flip``, ``scales``, ``search``),
+flags override them. ``--search approximate`` assigns classes through the stride-4 union
+search (``knn_union.approximate_assign``) instead of the exact nearest class.
 
 Prints aAcc, mIoU, mAcc, fwIoU, the mIoU over the rare, common and frequent classes (LVIS's
 bins: in 1-10, 11-100 or more training images; LVIS's own labels for COCO+LVIS; a class in no
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from jaxscaleseg import cli, evaluation, inference
+from jaxscaleseg import cli, evaluation
 
 for _name in ("config", "workdir", *cli.INFERENCE_FLAGS):
     flags.declare_key_flag(_name)
@@ -52,7 +54,7 @@ def main(argv: list[str]) -> int:
         cli.WORKDIR.value,
         checkpoint=cli.CHECKPOINT.value,
         split=_SPLIT.value,
-        settings=inference.settings_from_text(cli.CONFIG.value, **cli.inference_flags()),
+        settings=cli.settings_from_text(cli.CONFIG.value, **cli.inference_flags()),
         batch_size=_BATCH_SIZE.value,
         max_examples=_MAX_EXAMPLES.value,
         print_classes=_PRINT_CLASSES.value,

@@ -193,7 +193,8 @@ def results(
 
 
 def result_stem(split: str, checkpoint: str | int, settings: inference.InferenceSettings) -> str:
-    """``eval_<split>_<checkpoint>`` plus ``_slide``/``_flip``/``_ms`` for non-default settings."""
+    """``eval_<split>_<checkpoint>`` plus ``_slide``/``_flip``/``_ms``/``_approx`` for
+    non-default settings."""
     stem = f"eval_{split}_{checkpoint}"
     if settings.mode == "slide":
         stem += "_slide"
@@ -201,6 +202,8 @@ def result_stem(split: str, checkpoint: str | int, settings: inference.Inference
         stem += "_flip"
     if tuple(settings.scales) != (1.0,):
         stem += "_ms"
+    if settings.search != "exact":
+        stem += "_approx"
     return stem
 
 

@@ -39,10 +39,9 @@ import ml_collections
 import numpy as np
 from jax import lax
 
-from jaxscaleseg import knn, steps
+from jaxscaleseg import knn, knn_union, steps
 from jaxscaleseg import workdir as workdir_lib
 from jaxscaleseg.data import augment, sources, synthetic
-from jaxscaleseg.errors import UserError, one_line
 from jaxscaleseg.models import build_model, l2_normalize
 from jaxscaleseg.models.layers import resize_bilinear
 
@@ -50,6 +49,8 @@ ApplyFn = Callable[[jax.Array], Mapping[str, jax.Array]]
 Features = tuple[jax.Array, jax.Array | None]
 
 MODES = ("whole", "slide")
+SEARCHES = ("exact", "approximate")
+_SECTION = ("mode", "crop_size", "stride", "flip", "scales", "search", "search_candidates")
 # Multi-scale test scales in common use (mmsegmentation, DeepLab): 0.5 to 1.75 in steps of 0.25.
 COMMON_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
@@ -65,6 +66,9 @@ class InferenceSettings:
       flip: also predict the horizontally flipped image and merge.
       scales: image scales to predict at and merge (1.0: the original size).
       max_block_bytes: memory budget of the nearest-class search.
+      search: ``"exact"`` or ``"approximate"`` (embedding head: ``knn_union.approximate_assign``,
+        agreement with the exact assignment in BENCHMARKS.md §7).
+      search_candidates: K', classes searched per point of its ×4 coarser grid.
     """
 
     mode: str = "whole"
@@ -73,10 +77,16 @@ class InferenceSettings:
     flip: bool = False
     scales: tuple[float, ...] = (1.0,)
     max_block_bytes: int = knn.DEFAULT_MAX_BLOCK_BYTES
+    search: str = "exact"
+    search_candidates: int = knn_union.DEFAULT_CANDIDATES
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.search not in SEARCHES:
+            raise ValueError(f"search must be one of {SEARCHES}, got {self.search!r}")
+        if int(self.search_candidates) < 1:
+            raise ValueError(f"search_candidates must be >= 1, got {self.search_candidates}")
         if self.mode == "slide":
             if self.crop_size is None or len(self.crop_size) != 2 or min(self.crop_size) < 1:
                 raise ValueError(f"sliding windows need a crop_size (h, w), got {self.crop_size}")
@@ -98,13 +108,14 @@ class InferenceSettings:
     def from_config(cls, config: ml_collections.ConfigDict, **overrides) -> InferenceSettings:
         """Settings from a config's optional ``inference`` section, then ``overrides``.
 
-        The section may hold ``mode``, ``crop_size``, ``stride``, ``flip`` and ``scales``;
+        The section may hold ``mode``, ``crop_size``, ``stride``, ``flip``, ``scales``,
+        ``search`` and ``search_candidates``;
         a missing section or field keeps the default (sliding windows default to the training
         ``dataset.crop_size``). Overrides whose value is None are ignored.
         """
         section = config.get("inference", None) or {}
         values: dict[str, Any] = {}
-        for name in ("mode", "crop_size", "stride", "flip", "scales"):
+        for name in _SECTION:
             if name in section and section[name] not in (None, ()):
                 values[name] = section[name]
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -118,63 +129,6 @@ class InferenceSettings:
         if "scales" in values:
             values["scales"] = tuple(float(s) for s in values["scales"])
         return cls(**values)
-
-
-def _pair(text: str | None, name: str) -> tuple[int, int] | None:
-    """``"H,W"`` (or ``"HxW"``, or one number for both) as two positive ints; None stays None."""
-    if text is None:
-        return None
-    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
-    try:
-        values = tuple(int(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) == 1:
-        values = values * 2
-    if len(values) != 2 or min(values) < 1:
-        raise UserError(f"--{name} must be H,W (positive integers), got {text!r}")
-    return values
-
-
-def _scales(text: str | None) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    if text.strip() == "common":
-        return COMMON_SCALES
-    try:
-        return tuple(float(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise UserError(f"--scales must be numbers or 'common', got {text!r}") from None
-
-
-def settings_from_text(
-    config: ml_collections.ConfigDict,
-    *,
-    mode: str | None = None,
-    crop_size: str | None = None,
-    stride: str | None = None,
-    flip: bool | None = None,
-    scales: str | None = None,
-) -> InferenceSettings:
-    """Settings from the config's ``inference`` section overridden by command-line text.
-
-    ``crop_size``/``stride`` are ``"H,W"``, ``scales`` comma-separated numbers or ``common``;
-    None keeps the config's value.
-
-    Raises:
-      UserError: a value that does not parse or describes no valid settings.
-    """
-    try:
-        return InferenceSettings.from_config(
-            config,
-            mode=mode,
-            crop_size=_pair(crop_size, "crop_size"),
-            stride=_pair(stride, "stride"),
-            flip=flip,
-            scales=_scales(scales),
-        )
-    except ValueError as e:
-        raise UserError(one_line(e)) from e
 
 
 # --------------------------------------------------------------------------- features
@@ -376,6 +330,8 @@ def features_to_labels(
     class_embedding: jax.Array | None = None,
     *,
     max_block_bytes: int = knn.DEFAULT_MAX_BLOCK_BYTES,
+    search: str = "exact",
+    search_candidates: int = knn_union.DEFAULT_CANDIDATES,
 ) -> jax.Array:
     """Class ids from features.
 
@@ -384,10 +340,21 @@ def features_to_labels(
         logits (without).
       class_embedding: float ``[C, D]`` class table, or None for logits.
       max_block_bytes: memory budget of the nearest-class search.
+      search, search_candidates: as in :class:`InferenceSettings` (the approximate search
+        takes features ``[B, H, W, D]``).
 
     Returns:
       int32 ``[...]``: the nearest class (Euclidean) or the argmax of the logits.
     """
+    if search not in SEARCHES:
+        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
+    if search == "approximate" and class_embedding is not None:
+        return knn_union.approximate_assign(
+            features,
+            class_embedding,
+            candidates=int(search_candidates),
+            max_block_bytes=max_block_bytes,
+        )
     lead_shape = features.shape[:-1]
     flat = jnp.reshape(features, (-1, features.shape[-1]))
     num = flat.shape[0]
@@ -531,7 +498,11 @@ class Predictor:
         """int32 ``[B, H, W]`` class ids of normalised images float32 ``[B, H, W, 3]``."""
         features, class_embedding = self.features(images)
         return features_to_labels(
-            features, class_embedding, max_block_bytes=self.settings.max_block_bytes
+            features,
+            class_embedding,
+            max_block_bytes=self.settings.max_block_bytes,
+            search=self.settings.search,
+            search_candidates=self.settings.search_candidates,
         )
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
@@ -559,6 +530,8 @@ def describe(settings: InferenceSettings) -> str:
         parts.append("flip")
     if tuple(settings.scales) != (1.0,):
         parts.append("scales " + ",".join(f"{s:g}" for s in settings.scales))
+    if settings.search != "exact":
+        parts.append(f"approximate search K'={settings.search_candidates}")
     return " ".join(parts)
 
 
@@ -570,7 +543,6 @@ __all__ = [
     "features_to_labels",
     "infer_features",
     "scaled_size",
-    "settings_from_text",
     "sliding_window_features",
     "tta_features",
     "whole_image_features",

@@ -2,7 +2,7 @@
 
     python -m jaxscaleseg.predict --config configs/synthetic.py --workdir workdirs/demo \\
         photo.jpg more_photos/ --output predictions [--legend] [--checkpoint latest] \\
-        [--mode slide --crop_size 512,512] [--flip] [--scales common]
+        [--mode slide --crop_size 512,512] [--flip] [--scales common] [--search approximate]
 
 For each input image (files, or the images directly inside a directory) it writes into
 ``--output``:
@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
     )
     if len(argv) < 2:
         raise UserError("name at least one image or directory")
-    settings = inference.settings_from_text(cli.CONFIG.value, **cli.inference_flags())
+    settings = cli.settings_from_text(cli.CONFIG.value, **cli.inference_flags())
     files, failures = prediction.collect_inputs(argv[1:])
     predictor = inference.Predictor.from_workdir(
         cli.CONFIG.value, cli.WORKDIR.value, cli.CHECKPOINT.value, settings

@@ -101,14 +101,20 @@ def test_approx_search_benchmark_reports_recall_and_times():
     from benchmarks import approx_search
 
     rows = approx_search.main(
-        ["--preset", "small", "--classes", "64", "--probes", "2", "8", "--size", "32", "32"]
+        ["--preset", "small", "--classes", "64", "--probes", "2", "8", "--candidates", "8"]
+        + ["--size", "32", "32", "--methods", "index", "union", "--repeats", "1"]
     )
-    assert {(r["kind"], r["probes"]) for r in rows} == {
-        (kind, probes) for kind in approx_search.KINDS for probes in (2, 8)
+    assert {(r["kind"], r["method"], r["setting"]) for r in rows} == {
+        (kind, method, setting)
+        for kind in approx_search.KINDS
+        for method, setting in (("index", 2), ("index", 8), ("union", 8))
     }
+    index_rows = [r for r in rows if r["method"] == "index"]
     # 64 classes make 8 cells: probing all 8 is the exact search.
-    assert all(r["recall"] == 1.0 for r in rows if r["probes"] == 8)
-    assert all(0.0 < r["recall"] < 1.0 for r in rows if r["probes"] == 2)
+    assert all(r["recall"] == 1.0 for r in index_rows if r["setting"] == 8)
+    assert all(0.0 < r["recall"] < 1.0 for r in index_rows if r["setting"] == 2)
+    union_rows = [r for r in rows if r["method"] == "union"]
+    assert all(0.0 < r["recall"] <= 1.0 and 0.0 <= r["certified"] <= 1.0 for r in union_rows)
     assert all(r["exact_s"] > 0 and r["approx_s"] > 0 for r in rows)
 
 

@@ -395,3 +395,24 @@ def test_other_class_count_without_model_json_is_one_error(workdir, tmp_path):
     with pytest.raises(ModelMismatchError, match="class_embedding.*no model.json"):
         inference.Predictor.from_workdir(other, copy, "latest")
     assert inference.Predictor.from_workdir(_config(), copy, "latest").num_classes == NUM_CLASSES
+
+
+def test_approx_search_benchmark_on_a_checkpoint(workdir, tmp_path):
+    """``benchmarks.approx_search --checkpoint``: the trained embeddings of the workdir's
+    validation images, the table extended to more classes; every row measured."""
+    from benchmarks import approx_search
+    from jaxscaleseg import training
+
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run)
+    (run / "config.json").write_text(training.config_json(_config()))
+    rows = approx_search.main(
+        ["--checkpoint", str(run), "--examples", "2", "--classes", str(NUM_CLASSES), "64"]
+        + ["--probes", "2", "--candidates", "8", "--union_probes", "2", "--repeats", "1"]
+    )
+    assert {(r["classes"], r["method"]) for r in rows} == {
+        (c, m) for c in (NUM_CLASSES, 64) for m in approx_search.METHODS
+    }
+    for r in rows:
+        assert 0.0 < r["recall"] <= 1.0 and r["ess_rel_error"] >= 0.0
+        assert (r["certified"] >= 0.0) if r["method"] == "union" else True

@@ -230,8 +230,10 @@ class DeepLabV3Plus(nn.Module):
 
         Returns:
           ``{"logits": [B, H, W, C] dtype}`` for the softmax head;
-          ``{"pixel_embedding": [B, H, W, D] float32, "class_embedding": [C, D] float32}`` for
-          the embedding head.
+          ``{"pixel_embedding": [B, H, W, D] float32, "coarse_pixel_embedding": [B, h, w, D]
+          float32, "class_embedding": [C, D] float32}`` for the embedding head, where the
+          coarse map is the unit-length embedding at the decoder's resolution (stride 4) that
+          ``pixel_embedding`` upsamples bilinearly (``knn_union`` searches it).
         """
         if self.head not in HEADS:
             raise ValueError(f"unknown head {self.head!r}; expected one of {HEADS}")
@@ -259,14 +261,19 @@ class DeepLabV3Plus(nn.Module):
                 dtype=jnp.float32,
                 name="embedding_center",
             )(pixel)
-        pixel = resize_bilinear(l2_normalize(pixel), height, width)
+        coarse = l2_normalize(pixel)
+        pixel = resize_bilinear(coarse, height, width)
         table = self.param(
             "class_embedding",
             uniform_symmetric,
             (self.num_classes, self.embedding_dim),
             jnp.float32,
         )
-        return {"pixel_embedding": pixel, "class_embedding": l2_normalize(table)}
+        return {
+            "pixel_embedding": pixel,
+            "coarse_pixel_embedding": coarse,
+            "class_embedding": l2_normalize(table),
+        }
 
 
 def uniform_symmetric(

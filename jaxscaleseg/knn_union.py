@@ -1,0 +1,332 @@
+"""Nearest classes of full-resolution pixels from the candidates of their stride-4 sources.
+
+The embedding head L2-normalises its pixel embeddings at the decoder's resolution (stride 4)
+and upsamples them bilinearly, so each full-resolution embedding is a blend
+``p = Σᵢ wᵢ sᵢ`` of (at most) four source embeddings with weights ``wᵢ ≥ 0`` summing to 1. The
+ranking score of the searches, ``score_q(e) = ‖e‖² − 2 q·e``, is linear in q, so
+
+    score_p(e) = Σᵢ wᵢ score_sᵢ(e).
+
+Here each source's ``candidates`` (K') nearest classes are searched (16× fewer queries than
+pixels), each full-resolution pixel takes the union of its sources' lists and re-ranks it
+exactly against its own embedding. The blend also gives a certificate: a class outside every
+source's list scores at least ``tᵢ`` (the source's K'-th score) at each source, hence at least
+``Σᵢ wᵢ tᵢ`` at the pixel; when the pixel's k-th best candidate scores no more than that bound,
+its k nearest are exactly the exact search's (``certified``; up to float32 rounding of ties).
+
+Work is grouped by *cells*: the output pixels that share the same pair of source rows and pair
+of source columns (4×4 pixels at a ×4 upsampling, fewer at the borders). A cell gathers its
+union's class rows once and scores its pixels against them in one small matmul, so the class
+rows are read ``4K'`` per 16 pixels instead of per pixel. Cell rows are processed in blocks
+within ``max_block_bytes``; nothing is N×C.
+
+Cost: the sources' search (``N/16`` queries, exact over C, or sub-linear through a
+``knn_index`` index) plus ``4K'`` scores per pixel, independent of C.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxscaleseg import knn, knn_index
+
+DEFAULT_CANDIDATES = 32
+_MAX_PYRAMID_K = 8
+_HIGHEST = lax.Precision.HIGHEST
+
+
+class AxisCells(NamedTuple):
+    """How one axis of a bilinear (half-pixel centres) upsampling groups into cells.
+
+    Cell ``c`` (``0 <= c <= n_in``) holds the outputs whose sample position lies in
+    ``[c − 1, c)``, blended from sources ``(max(c − 1, 0), min(c, n_in − 1))``.
+
+    Attributes:
+      sources: int32 ``[n_in + 1, 2]``, the two sources of each cell.
+      members: int32 ``[n_in + 1, G]``, the outputs of each cell (-1: empty slot).
+      weights: float64 ``[n_in + 1, G, 2]``, each member's weights on the two sources.
+      cell_of: int32 ``[n_out]``; slot_of: int32 ``[n_out]``: where each output sits.
+    """
+
+    sources: np.ndarray
+    members: np.ndarray
+    weights: np.ndarray
+    cell_of: np.ndarray
+    slot_of: np.ndarray
+
+
+def axis_cells(n_in: int, n_out: int) -> AxisCells:
+    """The cells of one axis upsampled from ``n_in`` to ``n_out`` positions, as
+    ``jax.image.resize(..., "bilinear", antialias=False)`` samples it (NumPy, static)."""
+    if n_in < 1 or n_out < 1:
+        raise ValueError(f"axis sizes must be >= 1, got {n_in} -> {n_out}")
+    position = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    cell = np.clip(np.floor(position).astype(np.int64) + 1, 0, n_in)
+    low, high = np.maximum(cell - 1, 0), np.minimum(cell, n_in - 1)
+    frac = np.where(high > low, np.clip(position - low, 0.0, 1.0), 0.0)
+    slot = np.zeros(n_out, np.int64)
+    counts = np.zeros(n_in + 1, np.int64)
+    for o, c in enumerate(cell):
+        slot[o] = counts[c]
+        counts[c] += 1
+    size = int(counts.max())
+    members = np.full((n_in + 1, size), -1, np.int32)
+    weights = np.zeros((n_in + 1, size, 2))
+    members[cell, slot] = np.arange(n_out)
+    weights[cell, slot, 0] = 1.0 - frac
+    weights[cell, slot, 1] = frac
+    sources = np.stack(
+        [np.maximum(np.arange(n_in + 1) - 1, 0), np.minimum(np.arange(n_in + 1), n_in - 1)], 1
+    )
+    return AxisCells(
+        sources.astype(np.int32), members, weights, cell.astype(np.int32), slot.astype(np.int32)
+    )
+
+
+def _source_search(sources, classes, candidates, normalize, budget, index, probes):
+    """ids int32 ``[B, h, w, K']`` of each source's nearest classes and, for an exact search,
+    float32 ``[B, h, w]`` the K'-th one's score (the certificate's bound); None otherwise."""
+    if index is None:
+        # The pyramid selection's reduction compiles for minutes on CPU at k = 16 (measured):
+        # lax.top_k for longer lists.
+        method = "auto" if candidates <= _MAX_PYRAMID_K else "top_k"
+        ids = knn.nearest_class_ids(
+            sources,
+            classes,
+            candidates,
+            max_block_bytes=budget,
+            normalize_classes=normalize,
+            method=method,
+        )
+        last = classes[ids[..., -1]]
+        if normalize:
+            last = knn.unit_rows(last)
+        bound = jnp.sum(last * last, -1) - 2.0 * jnp.sum(last * sources, -1)
+        return ids, bound
+    ids = knn_index.approximate_nearest_class_ids(
+        sources,
+        classes,
+        index,
+        candidates,
+        probes=probes,
+        normalize_classes=normalize,
+        max_block_bytes=budget,
+    )
+    return ids, None
+
+
+def _repeated(ids: jax.Array, candidates: int) -> jax.Array:
+    """bool ``[..., 4K']``: the ids of ``[..., 4K']`` (four lists of K' distinct ids, one after
+    the other) that an earlier list holds too (a comparison of list pairs: no sort, which is
+    slow on CPU)."""
+    lists = ids.reshape(*ids.shape[:-1], 4, candidates)
+    seen = [jnp.zeros(lists.shape[:-2] + (candidates,), bool)]
+    for j in range(1, 4):
+        earlier = lists[..., :j, :].reshape(*lists.shape[:-2], j * candidates)
+        seen.append(jnp.any(lists[..., j, :, None] == earlier[..., None, :], axis=-1))
+    return jnp.concatenate(seen, -1)
+
+
+def _by_cells(array: jax.Array, rows: AxisCells, cols: AxisCells) -> jax.Array:
+    """``[B, H, W, ...]`` → ``[B, h+1, w+1, Gy·Gx, ...]`` (empty slots repeat output 0)."""
+    y = np.maximum(rows.members, 0)[:, None, :, None]
+    x = np.maximum(cols.members, 0)[None, :, None, :]
+    cells = array[:, y, x]  # [B, h+1, w+1, Gy, Gx, ...]
+    shape = cells.shape
+    return cells.reshape(*shape[:3], shape[3] * shape[4], *shape[5:])
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("k", "candidates", "normalize_classes", "max_block_bytes", "probes"),
+)
+def union_nearest_class_ids(
+    queries: jax.Array,
+    sources: jax.Array,
+    class_emb: jax.Array,
+    k: int,
+    *,
+    candidates: int = DEFAULT_CANDIDATES,
+    exclude: jax.Array | None = None,
+    normalize_classes: bool = False,
+    index: knn_index.ClassIndex | None = None,
+    probes: int = knn_index.DEFAULT_PROBES,
+    max_block_bytes: int | str = knn.DEFAULT_MAX_BLOCK_BYTES,
+) -> tuple[jax.Array, jax.Array]:
+    """The k nearest classes of each full-resolution pixel among its sources' candidates.
+
+    Args:
+      queries: float ``[B, H, W, D]``, the full-resolution pixel embeddings (re-ranked
+        exactly); the certificate assumes they are the bilinear upsampling of ``sources``.
+      sources: float ``[B, h, w, D]``, the stride-4 embeddings (``h <= H``, ``w <= W``).
+      class_emb: float ``[C, D]``.
+      k: neighbours per pixel, ``1 <= k <= K'`` (``K' − 1`` with ``exclude``).
+      candidates: K', classes searched per source, ``<= C``.
+      exclude: optional int ``[B, H, W]``: one class id per pixel never returned (its target).
+      normalize_classes: search against the rows of ``class_emb`` scaled to unit length.
+      index: optional ``knn_index.ClassIndex`` of the table: the sources' lists come from the
+        approximate search through it (sub-linear in C; no certificate then).
+      probes: cells probed per source with ``index``.
+      max_block_bytes: budget of a block's gathered rows and scores, or ``"auto"``.
+
+    Returns:
+      ``(ids, certified)``: int32 ``[B, H, W, k]`` nearest first among the candidates (where
+      fewer than k qualify, the last slots repeat the nearest), and bool ``[B, H, W]``, True
+      where the ids are provably the exact k nearest (always False with ``index``).
+    """
+    batch, height, width, dim = queries.shape
+    num_classes = class_emb.shape[0]
+    if sources.ndim != 4 or sources.shape[0] != batch or sources.shape[-1] != dim:
+        raise ValueError(f"sources {sources.shape} must be [B={batch}, h, w, D={dim}]")
+    if not sources.shape[1] <= height or not sources.shape[2] <= width:
+        raise ValueError(f"sources {sources.shape[1:3]} larger than queries {(height, width)}")
+    if not 1 <= candidates <= num_classes:
+        raise ValueError(f"candidates={candidates} must be between 1 and C={num_classes}")
+    if not 1 <= k <= candidates - (exclude is not None):
+        raise ValueError(f"k={k} must be between 1 and candidates={candidates} (less one excluded)")
+    budget = knn.resolve_block_bytes(max_block_bytes)
+    classes = lax.stop_gradient(jnp.asarray(class_emb, jnp.float32))
+    src = lax.stop_gradient(jnp.asarray(sources, jnp.float32))
+    rows, cols = axis_cells(src.shape[1], height), axis_cells(src.shape[2], width)
+    src_ids, src_bound = _source_search(
+        src, classes, candidates, normalize_classes, budget, index, probes
+    )
+    # Per cell: the four sources' lists [B, h+1, w+1, 4K'] and its pixels' bounds.
+    sy, sx = rows.sources[:, None, :, None], cols.sources[None, :, None, :]
+    cell_ids = src_ids[:, sy, sx].reshape(batch, *sy.shape[:1], sx.shape[1], 4 * candidates)
+    cell_queries = _by_cells(lax.stop_gradient(queries).astype(jnp.float32), rows, cols)
+    excluded = (
+        jnp.full(cell_queries.shape[:-1], -1, jnp.int32)
+        if exclude is None
+        else _by_cells(jnp.asarray(exclude, jnp.int32), rows, cols)
+    )
+    if src_bound is None:  # nothing is certified: a bound below every score
+        bound = jnp.full(excluded.shape, -jnp.inf)
+    else:
+        bound = _pixel_bounds(src_bound[:, sy, sx].reshape(*cell_ids.shape[:3], 4), rows, cols)
+    cells_y, cells_x, pixels = cell_queries.shape[1:4]
+    units = batch * cells_y  # a unit is one row of cells
+    flat = {
+        "q": cell_queries.reshape(units, cells_x, pixels, dim),
+        "ex": excluded.reshape(units, cells_x, pixels),
+        "ids": cell_ids.reshape(units, cells_x, 4 * candidates),
+        "bound": bound.reshape(units, cells_x, pixels),
+    }
+    rerank = functools.partial(
+        _rerank, classes=classes, k=k, candidates=candidates, normalize=normalize_classes
+    )
+    # A unit's gathered rows, scores and queries.
+    unit_bytes = cells_x * (4 * candidates * (dim + 2 * pixels + 2) + pixels * (dim + 2 * k)) * 4
+    ids, certified = _blockwise(rerank, flat, units, max(1, budget // max(unit_bytes, 1)))
+    gy, gx = rows.members.shape[1], cols.members.shape[1]
+    ids = ids.reshape(batch, cells_y, cells_x, gy, gx, k)
+    certified = certified.reshape(batch, cells_y, cells_x, gy, gx)
+    at = (rows.cell_of[:, None], cols.cell_of[None, :], rows.slot_of[:, None], cols.slot_of[None])
+    ids = jnp.clip(ids[:, at[0], at[1], at[2], at[3]], 0, num_classes - 1)
+    return ids, certified[:, at[0], at[1], at[2], at[3]]
+
+
+def _pixel_bounds(corner: jax.Array, rows: AxisCells, cols: AxisCells) -> jax.Array:
+    """float32 ``[B, h+1, w+1, Gy·Gx]``: each pixel's certificate bound ``Σᵢ wᵢ tᵢ`` from its
+    cell's four sources' K'-th scores ``corner [B, h+1, w+1, 4]``."""
+    weights = np.einsum("ygi,xhj->yxghij", rows.weights, cols.weights)
+    weights = weights.reshape(*weights.shape[:2], -1, 4).astype(np.float32)
+    # A product and a sum, not an einsum: as a dot with (y, x) batch dimensions it is a loop
+    # of tiny matmuls on CPU (measured 10x slower than the whole re-rank).
+    return jnp.sum(weights[None] * corner[:, :, :, None, :], axis=-1)
+
+
+def _rerank(block, *, classes, k, candidates, normalize):
+    """The k best of each pixel among its cell's candidates, and whether they are certified.
+
+    Args:
+      block: ``{"q": float32 [U, X, P, D], "ex": int32 [U, X, P], "ids": int32 [U, X, 4K'],
+        "bound": float32 [U, X, P]}``: U rows of X cells of P pixel slots.
+
+    Returns:
+      ``(int32 [U, X, P, k], bool [U, X, P])``.
+    """
+    ids = block["ids"]
+    gathered = classes[ids]
+    if normalize:
+        gathered = knn.unit_rows(gathered)
+    dots = jnp.einsum("ucpd,ucjd->ucpj", block["q"], gathered, precision=_HIGHEST)
+    scores = jnp.sum(gathered * gathered, -1)[:, :, None, :] - 2.0 * dots
+    drop = _repeated(ids, candidates)[:, :, None, :] | (
+        ids[:, :, None, :] == block["ex"][..., None]
+    )
+    # A 2-D top_k: XLA:CPU lowered the 4-D one to a full sort here (measured 4x slower).
+    neg, positions = lax.top_k(jnp.where(drop, -jnp.inf, -scores).reshape(-1, ids.shape[-1]), k)
+    neg, positions = neg.reshape(*drop.shape[:-1], k), positions.reshape(*drop.shape[:-1], k)
+    chosen = jnp.take_along_axis(jnp.broadcast_to(ids[:, :, None, :], drop.shape), positions, -1)
+    chosen = jnp.where(jnp.isfinite(neg), chosen, chosen[..., :1])
+    return chosen, jnp.isfinite(neg[..., -1]) & (-neg[..., -1] <= block["bound"])
+
+
+def _blockwise(fn, arrays: dict[str, jax.Array], units: int, per_block: int):
+    """``fn`` over blocks of ``per_block`` units of ``arrays`` (leading axis ``units``), by
+    ``lax.map``; the last block starts early to stay inside, its repeated units dropped."""
+    per_block = int(min(units, per_block))
+    num_blocks = -(-units // per_block)
+
+    def block(index):
+        start = jnp.minimum(index * per_block, units - per_block)
+        return fn({n: lax.dynamic_slice_in_dim(a, start, per_block) for n, a in arrays.items()})
+
+    if num_blocks == 1:
+        return block(0)
+    outs = lax.map(block, jnp.arange(num_blocks))
+    overlap = num_blocks * per_block - units
+    return tuple(
+        jnp.concatenate([o[:-1].reshape(-1, *o.shape[2:]), o[-1, overlap:]], 0) for o in outs
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("candidates", "max_block_bytes"))
+def approximate_assign(
+    features: jax.Array,
+    class_emb: jax.Array,
+    *,
+    candidates: int = DEFAULT_CANDIDATES,
+    max_block_bytes: int | str = knn.DEFAULT_MAX_BLOCK_BYTES,
+) -> jax.Array:
+    """The approximate nearest class of each pixel (inference), through a ×4 coarser grid.
+
+    The features are resized bilinearly (half-pixel centres) to ``ceil(H/4) × ceil(W/4)`` and
+    renormalised — nearly the model's own stride-4 map when they come from one whole-image
+    pass — and each pixel takes the nearest class of the union of its four grid points'
+    ``candidates`` nearest (:func:`union_nearest_class_ids` with k = 1; no certificate: the
+    features are not exactly a blend of that grid). Work: ``N/16`` queries against C plus
+    ``4K'`` scores per pixel.
+
+    Args:
+      features: float ``[B, H, W, D]`` pixel embeddings.
+      class_emb: float ``[C, D]``.
+      candidates: K' (capped at C).
+      max_block_bytes: memory budget of the searches, or ``"auto"``.
+
+    Returns:
+      int32 ``[B, H, W]`` class ids.
+    """
+    if features.ndim != 4:
+        raise ValueError(f"the approximate assignment takes [B, H, W, D], got {features.shape}")
+    batch, height, width, dim = features.shape
+    shape = (batch, -(-height // 4), -(-width // 4), dim)
+    coarse = jax.image.resize(
+        jnp.asarray(features, jnp.float32), shape, "bilinear", antialias=False
+    )
+    ids, _ = union_nearest_class_ids(
+        features,
+        knn.unit_rows(coarse),
+        class_emb,
+        1,
+        candidates=min(int(candidates), class_emb.shape[0]),
+        max_block_bytes=max_block_bytes,
+    )
+    return ids[..., 0]

@@ -1,0 +1,135 @@
+"""The stride-4 union search: its cells, its ids against float64 references, its certificate."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxscaleseg import inference, knn, knn_index, knn_union
+from tests import reference
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _inputs(seed, batch=2, h=4, w=5, dim=6, num_classes=40, factor=4):
+    """Random unit stride-4 sources (independent per position: the union's worst case), their
+    bilinear ×factor upsampling (as the model's), a random unit table and random labels."""
+    rng = np.random.default_rng(seed)
+    sources = _unit(rng.normal(size=(batch, h, w, dim))).astype(np.float32)
+    shape = (batch, h * factor, w * factor, dim)
+    queries = np.asarray(jax.image.resize(sources, shape, "bilinear", antialias=False))
+    classes = _unit(rng.normal(size=(num_classes, dim))).astype(np.float32)
+    labels = rng.integers(0, num_classes, shape[:3]).astype(np.int32)
+    return queries, sources, classes, labels
+
+
+def _numpy_union(queries, sources, classes, k, candidates, labels):
+    """float64: each source's K' nearest; each pixel re-ranks the union of the sources with a
+    non-zero bilinear weight (read off a resize of one-hot maps)."""
+    batch, height, width, dim = queries.shape
+    h, w = sources.shape[1:3]
+    _, src_ids = reference.nearest(sources.reshape(-1, dim), classes, candidates)
+    src_ids = src_ids.reshape(batch, h * w, candidates)
+    onehot = np.eye(h * w, dtype=np.float32).reshape(h * w, h, w, 1)
+    weights = np.asarray(jax.image.resize(onehot, (h * w, height, width, 1), "bilinear"))[..., 0]
+    out = np.zeros((batch, height, width, k), np.int64)
+    e = classes.astype(np.float64)
+    for b in range(batch):
+        for y in range(height):
+            for x in range(width):
+                used = np.flatnonzero(weights[:, y, x] > 0)
+                cand = np.unique(src_ids[b, used].reshape(-1))
+                cand = cand[cand != labels[b, y, x]]
+                d = ((queries[b, y, x].astype(np.float64) - e[cand]) ** 2).sum(-1)
+                out[b, y, x] = cand[np.argsort(d, kind="stable")[:k]]
+    return out
+
+
+@pytest.mark.parametrize("sizes", [(4, 16), (5, 20), (3, 7), (1, 4), (6, 6)])
+def test_axis_cells_reproduce_the_bilinear_resize(sizes):
+    n_in, n_out = sizes
+    cells = knn_union.axis_cells(n_in, n_out)
+    values = np.random.default_rng(n_in).normal(size=n_in)
+    want = np.asarray(
+        jax.image.resize(jnp.asarray(values, jnp.float32), (n_out,), "bilinear", antialias=False)
+    )
+    got = np.zeros(n_out)
+    for c, g in zip(*np.nonzero(cells.members >= 0), strict=True):
+        pair = values[cells.sources[c]]
+        got[cells.members[c, g]] = cells.weights[c, g] @ pair
+    # float32 resize against float64 weights: a few float32 ulps of values of size ~1.
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert np.all(cells.weights >= 0) and np.allclose(cells.weights.sum(-1)[cells.members >= 0], 1)
+    assert np.array_equal(cells.members[cells.cell_of, cells.slot_of], np.arange(n_out))
+
+
+def test_every_class_as_candidate_is_the_exact_search_and_certified():
+    queries, sources, classes, labels = _inputs(0)
+    ids, certified = knn_union.union_nearest_class_ids(
+        queries, sources, classes, 3, candidates=40, exclude=labels
+    )
+    _, want = reference.nearest(queries.reshape(-1, 6), classes, 3, labels.reshape(-1))
+    np.testing.assert_array_equal(np.asarray(ids).reshape(-1, 3), want)
+    assert bool(jnp.all(certified))
+
+
+@pytest.mark.parametrize("budget", [knn.DEFAULT_MAX_BLOCK_BYTES, 20_000])
+def test_few_candidates_match_numpy_and_the_certificate_is_sound(budget):
+    """K' = 5 of 40 on independent random sources: the ids are the float64 union's; where
+    certified they are the exact search's, and the certificate holds for some pixels."""
+    queries, sources, classes, labels = _inputs(1)
+    search = jax.jit(
+        knn_union.union_nearest_class_ids,
+        static_argnames=("k", "candidates", "max_block_bytes"),
+    )
+    ids, certified = search(
+        queries, sources, classes, 3, candidates=5, exclude=labels, max_block_bytes=budget
+    )
+    ids, certified = np.asarray(ids), np.asarray(certified)
+    np.testing.assert_array_equal(ids, _numpy_union(queries, sources, classes, 3, 5, labels))
+    _, exact = reference.nearest(queries.reshape(-1, 6), classes, 3, labels.reshape(-1))
+    same = np.all(ids.reshape(-1, 3) == exact, axis=-1)
+    assert np.all(same[certified.reshape(-1)])
+    assert 0.1 < certified.mean() < 1.0 and same.mean() >= certified.mean()
+
+
+def test_sources_through_an_index_of_all_cells_give_the_same_ids_uncertified():
+    queries, sources, classes, labels = _inputs(2, num_classes=64)
+    index = knn_index.build_index(classes, num_cells=8)
+    exact_lists, _ = knn_union.union_nearest_class_ids(
+        queries, sources, classes, 2, candidates=6, exclude=labels
+    )
+    indexed, certified = knn_union.union_nearest_class_ids(
+        queries, sources, classes, 2, candidates=6, exclude=labels, index=index, probes=8
+    )
+    np.testing.assert_array_equal(np.asarray(indexed), np.asarray(exact_lists))
+    assert not bool(jnp.any(certified))
+
+
+def test_bad_arguments_are_named():
+    queries, sources, classes, _ = _inputs(3)
+    with pytest.raises(ValueError, match="candidates=41"):
+        knn_union.union_nearest_class_ids(queries, sources, classes, 3, candidates=41)
+    with pytest.raises(ValueError, match="k=6"):
+        knn_union.union_nearest_class_ids(queries, sources, classes, 6, candidates=5)
+    with pytest.raises(ValueError, match="sources"):
+        knn_union.union_nearest_class_ids(queries, sources[..., :3], classes, 3)
+
+
+def test_approximate_assignment_in_inference():
+    """All classes as candidates: the exact assignment; few: mostly it (smooth features)."""
+    queries, _, classes, _ = _inputs(4, h=6, w=6, num_classes=50)
+    features = np.asarray(inference.l2_normalize(jnp.asarray(queries)))
+    exact = inference.features_to_labels(features, classes)
+    every = inference.features_to_labels(
+        features, classes, search="approximate", search_candidates=50
+    )
+    np.testing.assert_array_equal(np.asarray(every), np.asarray(exact))
+    few = inference.features_to_labels(features, classes, search="approximate", search_candidates=4)
+    assert 0.5 < float(np.mean(np.asarray(few) == np.asarray(exact))) <= 1.0
+    with pytest.raises(ValueError, match="search must be one of"):
+        inference.InferenceSettings(search="fast")
+    settings = inference.InferenceSettings(search="approximate", search_candidates=8)
+    assert inference.describe(settings) == "whole approximate search K'=8"
