@@ -27,11 +27,11 @@ if [ "$mode" = tiny ]; then
            --image_size 32 --train_examples 8 --eval_examples 4 --jobs 2)
 else
   budget=240
-  check=(--workers 8)
+  check=()
   quality=(--preset gpu --jobs 4)
 fi
 timeout $((budget + 90)) "$python" -m benchmarks.gpu_check --output_dir "$out/gpu_check" \
-  --budget_s "$budget" "${check[@]}"
+  --budget_s "$budget" ${check[@]+"${check[@]}"}
 echo "gpu_check ended (exit $?) at ${SECONDS} s"
 "$python" -m benchmarks.gpu_check --output_dir "$out/gpu_check" --summarize
 left=$((total - SECONDS - 10))
