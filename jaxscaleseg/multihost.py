@@ -36,6 +36,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
@@ -48,6 +49,8 @@ from jaxscaleseg.errors import ConfigError, DistributedError, one_line
 
 # Set in the worker's environment by :func:`supervise`.
 WORKER_ENV = "JAXSCALESEG_DISTRIBUTED_WORKER"
+# The file descriptor of the worker's message channel (its ``sys.stderr``).
+MESSAGES_FD_ENV = "JAXSCALESEG_MESSAGES_FD"
 # A C++ (absl/glog) log line: severity, date, time, thread, source file and line.
 _CPP_LOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ \S+\.(?:cc|h):\d+\]")
 _JAX_FATAL = "JAX distributed service detected fatal errors"
@@ -109,6 +112,20 @@ def is_worker() -> bool:
     return os.environ.get(WORKER_ENV) == "1"
 
 
+def attach_worker() -> None:
+    """Sets up a worker (call first in its ``main``): Python's ``sys.stdout`` and
+    ``sys.stderr`` go to the supervisor's output and message channels, while file descriptors
+    1 and 2, where the C++ side writes (gloo's connection notes, JAX's logs and fatal reports),
+    go to the log channel only; and the worker ends at once when its supervisor ends."""
+    fd = os.environ.get(MESSAGES_FD_ENV)
+    if fd is not None:
+        sys.stdout.flush()
+        sys.stdout = os.fdopen(os.dup(1), "w", buffering=1)
+        os.dup2(2, 1)
+        sys.stderr = os.fdopen(int(fd), "w", buffering=1)
+    exit_with_parent()
+
+
 def exit_with_parent() -> None:
     """Ends the worker at once when its supervisor ends (its stdin, a pipe, closes).
 
@@ -118,30 +135,47 @@ def exit_with_parent() -> None:
 
     def watch() -> None:
         # os.read: no lock of Python's buffered stdin, which would stop the interpreter's exit.
-        while os.read(0, 4096):
-            pass
+        try:
+            while os.read(0, 4096):
+                pass
+        except OSError:  # no readable stdin: nothing to watch
+            return
         os._exit(1)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def _forward(stream: IO[bytes], out: IO[bytes], log: IO[bytes] | None, fatal: list) -> None:
-    """Copies a worker's output to ``out`` line by line, and to ``log`` when given.
+def collective_failure(error: BaseException) -> DistributedError:
+    """The one-line error of a worker whose computation with the other processes failed (a
+    peer died mid-collective: gloo's read fails before JAX's service ends the process)."""
+    return DistributedError(
+        f"process {jax.process_index()}: a computation with the run's other processes failed "
+        f"({one_line(error)[:300]}); if one of them stopped, rerun the command on every host "
+        "to resume"
+    )
 
-    C++ log lines and gloo's connection notes stay out of ``out``; so does everything after a
-    C++ fatal line (JAX's report and stack trace as the process aborts), whose lines are
-    appended to ``fatal``.
-    """
+
+def _copy(stream: IO[bytes], out: IO[bytes] | None, log: IO[bytes] | None, held: list) -> None:
+    """Copies a worker's channel line by line to ``log`` and to ``out``, except ``error:``
+    lines (appended to ``held``: the supervisor decides)."""
     for raw in iter(stream.readline, b""):
         if log is not None:
             log.write(raw)
             log.flush()
-        text = raw.decode("utf-8", "replace")
-        if fatal or (text.startswith("F") and _CPP_LOG.match(text)):
-            fatal.append(text.rstrip("\n"))
-        elif not (_CPP_LOG.match(text) or text.startswith("[Gloo]")):
+        if raw.startswith(b"error: "):
+            held.append(raw.decode("utf-8", "replace").rstrip("\n"))
+        elif out is not None:
             out.write(raw)
             out.flush()
+
+
+def fatal_report(log_text: str) -> list[str]:
+    """The lines of a C++ fatal report (from its ``F`` log line on) in a worker's log."""
+    lines = log_text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("F") and _CPP_LOG.match(line):
+            return lines[i:]
+    return []
 
 
 def failure_line(fatal: Sequence[str], label: str, log_path: Path) -> str:
@@ -163,31 +197,41 @@ def failure_line(fatal: Sequence[str], label: str, log_path: Path) -> str:
 def supervise(command: Sequence[str], label: str, log_path: Path) -> int:
     """Runs the training ``command`` as a worker process and reports how it ended.
 
-    The worker's stdout and stderr come through (without C++ log lines: JAX's
-    ``TF_CPP_MIN_LOG_LEVEL`` is 3 unless set); everything it writes to stderr is also kept in
-    ``log_path``. SIGTERM and SIGHUP are passed on; SIGINT (Ctrl-C) reaches the worker
-    directly, as it shares this process's group.
+    The worker's Python output comes through (``sys.stdout``, and ``sys.stderr`` on a pipe of
+    its own: see :func:`attach_worker`), except its ``error:`` line, held to the end. What it
+    writes to file descriptors 1 and 2 (C++ logs, gloo's notes, fatal reports, Python's
+    fatal-error dumps) goes to ``log_path`` only, with the messages. SIGTERM and SIGHUP are
+    passed on; SIGINT (Ctrl-C) reaches the worker directly, as it shares this process's group.
 
     Args:
       command: the worker's command line (the same ``train`` command).
       label: this process's name in messages (its id).
-      log_path: where the worker's stderr is kept.
+      log_path: the worker's log (appended to: a rerun keeps the report of the last end).
 
     Returns:
-      The exit status: the worker's own, or 1 with one ``error:`` line when JAX's distributed
-      service ended it (another process died) or a signal did.
+      The exit status: the worker's own (with its ``error:`` line), or 1 with one ``error:``
+      line of its own when JAX's distributed service ended the worker (another process died)
+      or a signal did.
     """
     env = {**os.environ, WORKER_ENV: "1"}
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    fatal: list[str] = []
-    with open(log_path, "wb") as log:
-        child = subprocess.Popen(
-            list(command),
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
+    read_messages, write_messages = os.pipe()
+    env[MESSAGES_FD_ENV] = str(write_messages)
+    held: list[str] = []
+    with open(log_path, "ab") as log, os.fdopen(read_messages, "rb") as messages:
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        log.write(f"=== {started}: {' '.join(command)}\n".encode())
+        try:
+            child = subprocess.Popen(
+                list(command),
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                pass_fds=(write_messages,),
+            )
+        finally:
+            os.close(write_messages)
 
         def pass_on(signum, frame):
             del frame
@@ -197,10 +241,12 @@ def supervise(command: Sequence[str], label: str, log_path: Path) -> int:
         previous = {
             s: signal.signal(s, pass_on) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
         }
-        threads = [
-            threading.Thread(target=_forward, args=(child.stdout, sys.stdout.buffer, None, [])),
-            threading.Thread(target=_forward, args=(child.stderr, sys.stderr.buffer, log, fatal)),
+        channels = [
+            (child.stdout, sys.stdout.buffer, None),
+            (messages, sys.stderr.buffer, log),
+            (child.stderr, None, log),
         ]
+        threads = [threading.Thread(target=_copy, args=(*c, held)) for c in channels]
         for thread in threads:
             thread.start()
         try:
@@ -211,21 +257,32 @@ def supervise(command: Sequence[str], label: str, log_path: Path) -> int:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             child.stdin.close()
-    if status >= 0 and not fatal:
-        return status
+    if status == 0:
+        for line in held:
+            print(line, file=sys.stderr, flush=True)
+        return 0
+    text = log_path.read_text(errors="replace")
+    fatal = fatal_report(text[text.rindex("\n=== ") + 1 :] if "\n=== " in text else text)
     if any(_JAX_FATAL in line for line in fatal):
         message = failure_line(fatal, label, log_path)
+    elif held:
+        message = held[-1]
+    elif status < 0:
+        message = f"error: process {label} ended by {signal.Signals(-status).name} ({log_path})"
     else:
-        name = signal.Signals(-status).name if status < 0 else f"status {status}"
-        message = f"error: process {label} ended by {name} (its stderr: {log_path})"
+        return status
     print(message, file=sys.stderr, flush=True)
-    return 1
+    return status if status > 0 and not fatal else 1
 
 
 __all__ = [
+    "MESSAGES_FD_ENV",
     "WORKER_ENV",
+    "attach_worker",
+    "collective_failure",
     "exit_with_parent",
     "failure_line",
+    "fatal_report",
     "initialize",
     "is_worker",
     "supervise",

@@ -15,8 +15,10 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import traceback
 from pathlib import Path
 
+import jax
 from absl import flags
 
 from jaxscaleseg import cli, config_schema, multihost, training
@@ -24,6 +26,10 @@ from jaxscaleseg import workdir as workdir_lib
 
 flags.declare_key_flag("config")
 flags.declare_key_flag("workdir")
+
+# What a computation raises when the processes of a multi-host run can no longer reach each
+# other (jax.errors.JaxRuntimeError in recent JAX, a RuntimeError subclass in all).
+_RUNTIME_ERRORS = (getattr(jax.errors, "JaxRuntimeError", RuntimeError),)
 
 
 def _started_as_command() -> bool:
@@ -43,13 +49,19 @@ def main(argv: list[str]) -> int:
         label = str(pid) if pid >= 0 else f"{socket.gethostname()}-{os.getpid()}"
         command = [sys.executable, "-m", "jaxscaleseg.train", *sys.argv[1:]]
         return multihost.supervise(command, label, workdir / f"process_{label}.log")
-    if multihost.is_worker():
-        multihost.exit_with_parent()
+    worker = multihost.is_worker()
+    if worker:
+        multihost.attach_worker()
     try:
         training.train_and_evaluate(config, cli.WORKDIR.value)
     except KeyboardInterrupt:
         print("error: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except _RUNTIME_ERRORS as e:
+        if not worker:
+            raise
+        traceback.print_exc(file=sys.__stderr__)  # the whole report, kept in the worker's log
+        raise multihost.collective_failure(e) from e
     return 0
 
 
