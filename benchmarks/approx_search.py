@@ -133,9 +133,10 @@ def make_queries(kind: str, preset: Preset, classes: np.ndarray, seed: int) -> Q
     return Queries(_upsample(coarse, 4), coarse, None, classes)
 
 
-def trained_queries(workdir: str, examples: int) -> Queries:
+def trained_queries(workdir: str, examples: int, mosaic: tuple[int, int] | None = None) -> Queries:
     """The trained model's embeddings of the first ``examples`` validation images of the run
-    in ``workdir`` (its ``config.json``, ``model.json`` and best checkpoint)."""
+    in ``workdir`` (its ``config.json``, ``model.json`` and best checkpoint); with ``mosaic``
+    ``(rows, cols)``, of one image tiling them (cycled) ``rows × cols`` times."""
     config = ml_collections.ConfigDict(
         json.loads((Path(workdir) / workdir_lib.CONFIG_FILE).read_text())
     )
@@ -148,6 +149,9 @@ def trained_queries(workdir: str, examples: int) -> Queries:
     images = np.stack([augment.normalize(item["image"], mean, std) for item in items])
     labels = np.stack([np.asarray(item["label"]).astype(np.int32) for item in items])
     labels = np.where(labels >= model.num_classes, -1, labels).astype(np.int32)
+    if mosaic is not None:
+        order = np.arange(mosaic[0] * mosaic[1]) % count
+        images, labels = (_tile(x[order], *mosaic) for x in (images, labels))
     apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
     out = apply(variables, jnp.asarray(images))
     return Queries(
@@ -156,6 +160,13 @@ def trained_queries(workdir: str, examples: int) -> Queries:
         labels,
         np.asarray(out["class_embedding"]),
     )
+
+
+def _tile(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """``[rows·cols, h, w, ...]`` → ``[1, rows·h, cols·w, ...]``, row by row."""
+    n, h, w = images.shape[:3]
+    grid = images.reshape(rows, cols, h, w, *images.shape[3:]).swapaxes(1, 2)
+    return grid.reshape(1, rows * h, cols * w, *images.shape[3:])
 
 
 def extend_classes(classes: np.ndarray, num_classes: int, noise: float, seed: int) -> np.ndarray:

@@ -62,10 +62,11 @@ Sections:
   large kernels). ``negatives`` (``nearest_other`` or ``original``),
   ``separation_refresh_every`` (n: the separation term's nearest-other-class ids are searched
   exactly on the steps ``step % n == 0`` and carried in the checkpointed train state between;
-  1, the default, searches every step as before), ``search`` (``exact``, ``approximate`` or
-  ``auto``: the pixels' nearest-class search; ``auto`` is exact until
+  1, the default, searches every step as before), ``search`` (``exact``, ``approximate``,
+  ``union`` or ``auto``: the pixels' nearest-class search; ``auto`` is exact until
   ``knn_index.AUTO_APPROXIMATE_MIN_CLASSES`` is measured), ``search_probes`` (cells probed per
-  pixel) and ``index_refresh_every`` (steps between rebuilds of the checkpointed index).
+  pixel), ``index_refresh_every`` (steps between rebuilds of the checkpointed index) and
+  ``search_candidates`` (K', classes searched per stride-4 source by ``union``).
 * ``optim``: see :func:`jaxscaleseg.optim.make_optimizer`.
 """
 
@@ -159,6 +160,8 @@ def _loss_defaults() -> ml_collections.ConfigDict:
     loss.search = "auto"
     loss.search_probes = 8
     loss.index_refresh_every = 10
+    # K': classes searched per stride-4 source by loss.search = "union" (knn_union).
+    loss.search_candidates = 32
     return loss
 
 
@@ -385,7 +388,7 @@ def _validate_loss(loss: ml_collections.ConfigDict, num_classes: int) -> None:
         raise ConfigError(
             f"loss.search must be one of {knn_index.SEARCH_MODES}, got {loss.search!r}"
         )
-    for key in ("search_probes", "index_refresh_every"):
+    for key in ("search_probes", "index_refresh_every", "search_candidates"):
         value = loss[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"loss.{key} must be an int >= 1, got {value!r}")
@@ -396,6 +399,16 @@ def _validate_loss(loss: ml_collections.ConfigDict, num_classes: int) -> None:
                 f"loss.search_probes={loss.search_probes} exceeds the index's {cells} cells"
                 f" at num_classes={num_classes}"
             )
+    if loss.search == "union" and not (
+        loss.num_neighbors < loss.search_candidates <= num_classes
+        and loss.negatives == "nearest_other"
+    ):
+        raise ConfigError(
+            f"loss.search='union' takes loss.num_neighbors < loss.search_candidates <= "
+            f"num_classes and loss.negatives='nearest_other', got search_candidates="
+            f"{loss.search_candidates}, num_neighbors={loss.num_neighbors}, num_classes="
+            f"{num_classes}, negatives={loss.negatives!r}"
+        )
     if loss.selection not in knn.SEARCH_METHODS:
         raise ConfigError(
             f"loss.selection must be one of {knn.SEARCH_METHODS}, got {loss.selection!r}"

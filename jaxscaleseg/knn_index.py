@@ -36,7 +36,8 @@ from jax import lax
 from jaxscaleseg import knn, losses
 from jaxscaleseg.labels import IGNORE_INDEX
 
-SEARCH_MODES = ("exact", "approximate", "auto")
+# "union": the stride-4 union search of ``knn_union`` (not through this index).
+SEARCH_MODES = ("exact", "approximate", "union", "auto")
 # ``search="auto"`` takes the approximate search from this many classes on; None: never (the
 # exact search everywhere) until benchmarks/approx_search.py has measured a break-even and a
 # recall that is good enough on trained embeddings.
@@ -61,7 +62,7 @@ class ClassIndex(NamedTuple):
 
 
 def resolve_search(search: str, num_classes: int) -> str:
-    """``"exact"`` or ``"approximate"``: ``"auto"`` is approximate from
+    """``"exact"``, ``"approximate"`` or ``"union"``: ``"auto"`` is approximate from
     ``AUTO_APPROXIMATE_MIN_CLASSES`` classes on (never while that is None).
 
     Args:

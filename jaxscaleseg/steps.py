@@ -25,7 +25,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import NamedSharding
 
-from jaxscaleseg import knn, knn_index, losses, metrics, nearest_other, optim
+from jaxscaleseg import knn, knn_index, knn_union, losses, metrics, nearest_other, optim
 from jaxscaleseg.errors import ConfigError, ModelMismatchError
 from jaxscaleseg.models import build_model, first_shape_difference
 
@@ -65,8 +65,10 @@ class LossSpec:
       negatives: how each pixel's k negatives are chosen (``negatives.NEGATIVE_RULES``).
       separation_refresh_every: n, the separation term's nearest-other-class ids are searched
         on the steps ``step % n == 0`` and carried in the state between (1: every step).
-      search: the pixels' nearest-class search, ``"exact"``, ``"approximate"`` or ``"auto"``
-        (``knn_index.resolve_search``).
+      search: the pixels' nearest-class search, ``"exact"``, ``"approximate"`` (the class
+        index), ``"union"`` (``knn_union``: the stride-4 sources' candidates re-ranked) or
+        ``"auto"`` (``knn_index.resolve_search``).
+      search_candidates: K', classes searched per stride-4 source by the union search.
       search_probes: cells probed per pixel by the approximate search.
       index_refresh_every: the approximate search's index is rebuilt on the steps
         ``step % n == 0``.
@@ -86,6 +88,7 @@ class LossSpec:
     search: str = "auto"
     search_probes: int = knn_index.DEFAULT_PROBES
     index_refresh_every: int = 10
+    search_candidates: int = knn_union.DEFAULT_CANDIDATES
 
     def approximate(self, num_classes: int) -> bool:
         """The ESS negatives come from the approximate search (``knn_index``)."""
@@ -118,6 +121,7 @@ class LossSpec:
             search=config.search,
             search_probes=int(config.search_probes),
             index_refresh_every=int(config.index_refresh_every),
+            search_candidates=int(config.search_candidates),
         )
 
 
@@ -210,6 +214,35 @@ def _refreshed_class_index(state: TrainState, spec: LossSpec) -> Any:
     )
 
 
+def _approximate_neighbors(outputs, params, labels, class_index, spec: LossSpec):
+    """int32 ``[B, H, W, k]``: the ESS negatives of the approximate searches (through the
+    class index, or the stride-4 union); None: the loss searches exactly."""
+    if class_index is not None:
+        return knn_index.approximate_nearest_class_ids(
+            outputs["pixel_embedding"],
+            params["class_embedding"],
+            class_index,
+            spec.num_neighbors,
+            probes=spec.search_probes,
+            exclude=labels,
+            normalize_classes=True,
+            max_block_bytes=spec.max_block_bytes,
+        )
+    if spec.name != "ess" or knn_index.resolve_search(spec.search, 2) != "union":
+        return None
+    ids, _ = knn_union.union_nearest_class_ids(
+        outputs["pixel_embedding"],
+        outputs["coarse_pixel_embedding"],
+        params["class_embedding"],
+        spec.num_neighbors,
+        candidates=spec.search_candidates,
+        exclude=labels,
+        normalize_classes=True,
+        max_block_bytes=spec.max_block_bytes,
+    )
+    return ids
+
+
 def train_step(
     state: TrainState, batch: Mapping[str, jax.Array], base_rng: jax.Array, spec: LossSpec
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -244,18 +277,7 @@ def train_step(
             spec,
             class_table=params.get("class_embedding"),
             separation_ids=separation_ids,
-            neighbor_ids=None
-            if class_index is None
-            else knn_index.approximate_nearest_class_ids(
-                outputs["pixel_embedding"],
-                params["class_embedding"],
-                class_index,
-                spec.num_neighbors,
-                probes=spec.search_probes,
-                exclude=batch["label"],
-                normalize_classes=True,
-                max_block_bytes=spec.max_block_bytes,
-            ),
+            neighbor_ids=_approximate_neighbors(outputs, params, batch["label"], class_index, spec),
         )
         return loss, (parts, updates["batch_stats"])
 

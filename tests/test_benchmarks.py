@@ -150,3 +150,16 @@ def test_gpu_benchmarks_run_without_tfds():
         timeout=300,
     )
     assert result.returncode == 0 and "device imports ok" in result.stdout, result.stderr
+
+
+def test_approx_inference_benchmark_agrees_with_every_class_as_candidate():
+    from benchmarks import approx_inference
+
+    rows = approx_inference.main(
+        ["--size", "32", "32", "--classes", "40", "--candidates", "40", "4", "--dim", "6"]
+        + ["--exact_rows", "16"]
+    )
+    assert [r["candidates"] for r in rows] == [40, 4]
+    # Every class a candidate: the exact assignment; 4 of 40 on random features: less.
+    assert rows[0]["agreement"] == 1.0 and 0.0 < rows[1]["agreement"] < 1.0
+    assert all(r["exact_scaled"] and r["exact_s"] > 0 and r["approx_s"] > 0 for r in rows)

@@ -133,3 +133,34 @@ def test_approximate_assignment_in_inference():
         inference.InferenceSettings(search="fast")
     settings = inference.InferenceSettings(search="approximate", search_candidates=8)
     assert inference.describe(settings) == "whole approximate search K'=8"
+
+
+def test_train_step_with_the_union_search():
+    """``loss.search = "union"``: every class a candidate gives the exact step's loss; few
+    candidates a close one; the config check names the keys."""
+    from test_training import _state_and_batch, tiny_config
+
+    from jaxscaleseg import config_schema, steps
+    from jaxscaleseg.errors import ConfigError
+
+    step = jax.jit(steps.train_step, static_argnames="spec")
+    key = jax.random.key(1)
+    # The union search carries no state: one initial state serves every spec.
+    state, batch = _state_and_batch(tiny_config())
+    losses = {}
+    for name, overrides in {
+        "exact": {},
+        "every": {"loss.search": "union", "loss.search_candidates": 30},
+        "few": {"loss.search": "union", "loss.search_candidates": 8},
+    }.items():
+        config = tiny_config(**overrides)
+        config_schema.validate(config)
+        assert steps.carried_state(config, state.params)["class_index"] is None
+        _, out = step(state, batch, key, spec=steps.LossSpec.from_config(config.loss))
+        losses[name] = float(out["loss"])
+    # Same negatives, same arithmetic up to float32 reassociation.
+    np.testing.assert_allclose(losses["every"], losses["exact"], rtol=1e-5)
+    # Farther negatives weigh less in the softmax: a loss no higher, within a few per cent.
+    assert 0.9 * losses["exact"] <= losses["few"] <= losses["exact"] * (1 + 1e-5)
+    with pytest.raises(ConfigError, match="search='union'.*search_candidates=5"):
+        config_schema.validate(tiny_config(**{"loss.search": "union", "loss.search_candidates": 5}))
