@@ -401,7 +401,10 @@ class RunCheckpoints:
         n = 1
         while target.exists():
             target, n = damaged / f"{name}_{step}_{n}", n + 1
-        os.replace(self.workdir / name / str(step), target)
+        try:
+            os.replace(self.workdir / name / str(step), target)
+        except FileNotFoundError:  # another process of a multi-host run moved it first
+            pass
         manager.reload()
         self._log(
             f"warning: checkpoint {name}/{step} in {self.workdir} is unreadable "
