@@ -302,7 +302,7 @@ class _StandIn:
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         self.seen.append(image)
-        return np.zeros(image.shape[:2], np.int32)
+        return np.zeros(image.shape[:2], np.uint8)  # class ids; uint8 keeps the row light
 
 
 @pytest.fixture(scope="module")
