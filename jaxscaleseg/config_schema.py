@@ -66,7 +66,9 @@ Sections:
   ``union`` or ``auto``: the pixels' nearest-class search; ``auto`` is exact until
   ``knn_index.AUTO_APPROXIMATE_MIN_CLASSES`` is measured), ``search_probes`` (cells probed per
   pixel), ``index_refresh_every`` (steps between rebuilds of the checkpointed index) and
-  ``search_candidates`` (K', classes searched per stride-4 source by ``union``).
+  ``search_candidates`` (K', classes searched per stride-4 source by ``union``) and
+  ``search_quality_sample`` (pixels on which an approximate search's recall and loss error
+  are measured every step; 0: off).
 * ``optim``: see :func:`jaxscaleseg.optim.make_optimizer`.
 """
 
@@ -162,6 +164,9 @@ def _loss_defaults() -> ml_collections.ConfigDict:
     loss.index_refresh_every = 10
     # K': classes searched per stride-4 source by loss.search = "union" (knn_union).
     loss.search_candidates = 32
+    # Approximate searches: recall@k and ESS relative error on this many pixels every step
+    # (logged as search_recall, search_ess_rel_error); 0: not measured.
+    loss.search_quality_sample = 1024
     return loss
 
 
@@ -392,6 +397,9 @@ def _validate_loss(loss: ml_collections.ConfigDict, num_classes: int) -> None:
         value = loss[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"loss.{key} must be an int >= 1, got {value!r}")
+    sample = loss.search_quality_sample
+    if isinstance(sample, bool) or not isinstance(sample, int) or sample < 0:
+        raise ConfigError(f"loss.search_quality_sample must be an int >= 0, got {sample!r}")
     if knn_index.resolve_search(loss.search, num_classes) == "approximate":
         cells, _ = knn_index.index_shape(num_classes)
         if loss.search_probes > cells:

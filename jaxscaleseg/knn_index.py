@@ -285,6 +285,73 @@ def recall_at_k(
     return jnp.sum(jnp.where(valid, per_query, 0.0)) / count
 
 
+def sampled_quality(
+    pixel_emb: jax.Array,
+    labels: jax.Array,
+    class_emb: jax.Array,
+    approximate_ids: jax.Array,
+    *,
+    temperature: float = 20.0,
+    normalize_classes: bool = False,
+    ignore_index: int = IGNORE_INDEX,
+    sample: int = 4096,
+    max_block_bytes: int | str = knn.DEFAULT_MAX_BLOCK_BYTES,
+) -> dict[str, jax.Array]:
+    """Recall@k of given approximate negatives and the ESS loss's relative error, on a sample.
+
+    The sample is every ``ceil(N / sample)``-th pixel (deterministic, cheap enough to log every
+    training step: one exact search of the sample). The exact search excludes each pixel's
+    target, as the ESS loss's negatives (the approximate ids must too).
+
+    Args:
+      pixel_emb: float ``[..., D]``; labels: int ``[...]`` (``ignore_index`` pixels excluded).
+      class_emb: float ``[C, D]``.
+      approximate_ids: int ``[..., k]``, each pixel's approximate k nearest other classes.
+      temperature: the ESS loss's T; normalize_classes, max_block_bytes: as in
+        :func:`approximate_nearest_class_ids`.
+      sample: at most this many pixels.
+
+    Returns:
+      ``{"recall": recall@k over the sample's labelled pixels, "ess_relative_error":
+      |ESS(approximate) − ESS(exact)| / |ESS(exact)|}``, float32 scalars.
+    """
+    num_classes, dim = class_emb.shape
+    k = approximate_ids.shape[-1]
+    pixels = lax.stop_gradient(jnp.asarray(pixel_emb, jnp.float32)).reshape(-1, dim)
+    flat_labels = jnp.asarray(labels, jnp.int32).reshape(-1)
+    stride = max(1, -(-pixels.shape[0] // int(sample)))
+    pixels, flat_labels = pixels[::stride], flat_labels[::stride]
+    approximate = jnp.asarray(approximate_ids, jnp.int32).reshape(-1, k)[::stride]
+    valid = (flat_labels != ignore_index) & (flat_labels >= 0) & (flat_labels < num_classes)
+    table = lax.stop_gradient(class_emb)
+    exact = knn.nearest_class_ids(
+        pixels,
+        table,
+        k,
+        exclude=jnp.where(valid, flat_labels, 0),
+        max_block_bytes=max_block_bytes,
+        normalize_classes=normalize_classes,
+    )
+
+    def ess(neighbor_ids):
+        return losses.ess_objective(
+            pixels,
+            flat_labels,
+            table,
+            num_neighbors=k,
+            temperature=temperature,
+            separation_weight=0.0,
+            normalize_classes=normalize_classes,
+            ignore_index=ignore_index,
+            max_block_bytes=max_block_bytes,
+            neighbor_ids=neighbor_ids,
+        )[1]["ess"]
+
+    exact_loss = ess(exact)
+    error = jnp.abs(ess(approximate) - exact_loss) / jnp.maximum(jnp.abs(exact_loss), 1e-30)
+    return {"recall": recall_at_k(approximate, exact, valid), "ess_relative_error": error}
+
+
 def search_quality(
     pixel_emb: jax.Array,
     labels: jax.Array,
@@ -299,62 +366,32 @@ def search_quality(
     sample: int = 4096,
     max_block_bytes: int | str = knn.DEFAULT_MAX_BLOCK_BYTES,
 ) -> dict[str, jax.Array]:
-    """Recall@k of the approximate search and the ESS loss's relative error, on a sample.
-
-    The sample is every ``ceil(N / sample)``-th pixel (deterministic, cheap enough to log
-    during training). Both searches exclude each pixel's target, as the ESS loss's negatives.
-
-    Args:
-      pixel_emb: float ``[..., D]``; labels: int ``[...]`` (``ignore_index`` pixels excluded).
-      class_emb: float ``[C, D]``; index: its :class:`ClassIndex`.
-      num_neighbors: k; probes, normalize_classes, max_block_bytes: as in
-        :func:`approximate_nearest_class_ids`; temperature: the ESS loss's T.
-      sample: at most this many pixels.
-
-    Returns:
-      ``{"recall": recall@k over the sample's labelled pixels, "ess_relative_error":
-      |ESS(approximate) − ESS(exact)| / |ESS(exact)|}``, float32 scalars.
-    """
+    """:func:`sampled_quality` of the search through ``index`` (``probes`` cells, the sample's
+    pixels only searched); arguments as there and in :func:`approximate_nearest_class_ids`."""
     num_classes, dim = class_emb.shape
     pixels = jnp.asarray(pixel_emb, jnp.float32).reshape(-1, dim)
     flat_labels = jnp.asarray(labels, jnp.int32).reshape(-1)
     stride = max(1, -(-pixels.shape[0] // int(sample)))
     pixels, flat_labels = pixels[::stride], flat_labels[::stride]
     valid = (flat_labels != ignore_index) & (flat_labels >= 0) & (flat_labels < num_classes)
-    targets = jnp.where(valid, flat_labels, 0)
-    exact = knn.nearest_class_ids(
-        pixels,
-        class_emb,
-        num_neighbors,
-        exclude=targets,
-        max_block_bytes=max_block_bytes,
-        normalize_classes=normalize_classes,
-    )
     approximate = approximate_nearest_class_ids(
         pixels,
         class_emb,
         index,
         num_neighbors,
         probes=probes,
-        exclude=targets,
+        exclude=jnp.where(valid, flat_labels, 0),
         normalize_classes=normalize_classes,
         max_block_bytes=max_block_bytes,
     )
-
-    def ess(neighbor_ids):
-        return losses.ess_objective(
-            pixels,
-            flat_labels,
-            class_emb,
-            num_neighbors=num_neighbors,
-            temperature=temperature,
-            separation_weight=0.0,
-            normalize_classes=normalize_classes,
-            ignore_index=ignore_index,
-            max_block_bytes=max_block_bytes,
-            neighbor_ids=neighbor_ids,
-        )[1]["ess"]
-
-    exact_loss = ess(exact)
-    error = jnp.abs(ess(approximate) - exact_loss) / jnp.maximum(jnp.abs(exact_loss), 1e-30)
-    return {"recall": recall_at_k(approximate, exact, valid), "ess_relative_error": error}
+    return sampled_quality(
+        pixels,
+        flat_labels,
+        class_emb,
+        approximate,
+        temperature=temperature,
+        normalize_classes=normalize_classes,
+        ignore_index=ignore_index,
+        sample=pixels.shape[0],
+        max_block_bytes=max_block_bytes,
+    )

@@ -261,9 +261,13 @@ def _rerank(block, *, classes, k, candidates, normalize):
     drop = _repeated(ids, candidates)[:, :, None, :] | (
         ids[:, :, None, :] == block["ex"][..., None]
     )
-    # A 2-D top_k: XLA:CPU lowered the 4-D one to a full sort here (measured 4x slower).
-    neg, positions = lax.top_k(jnp.where(drop, -jnp.inf, -scores).reshape(-1, ids.shape[-1]), k)
-    neg, positions = neg.reshape(*drop.shape[:-1], k), positions.reshape(*drop.shape[:-1], k)
+    masked = jnp.where(drop, -jnp.inf, -scores)
+    if k == 1:  # one pass (inference's assignment), no top-k
+        positions = jnp.argmax(masked, axis=-1)[..., None]
+        neg = jnp.take_along_axis(masked, positions, -1)
+    else:  # a 2-D top_k: XLA:CPU lowered the 4-D one to a full sort (measured 4x slower)
+        neg, positions = lax.top_k(masked.reshape(-1, ids.shape[-1]), k)
+        neg, positions = neg.reshape(*drop.shape[:-1], k), positions.reshape(*drop.shape[:-1], k)
     chosen = jnp.take_along_axis(jnp.broadcast_to(ids[:, :, None, :], drop.shape), positions, -1)
     chosen = jnp.where(jnp.isfinite(neg), chosen, chosen[..., :1])
     return chosen, jnp.isfinite(neg[..., -1]) & (-neg[..., -1] <= block["bound"])

@@ -69,6 +69,9 @@ class LossSpec:
         index), ``"union"`` (``knn_union``: the stride-4 sources' candidates re-ranked) or
         ``"auto"`` (``knn_index.resolve_search``).
       search_candidates: K', classes searched per stride-4 source by the union search.
+      search_quality_sample: with an approximate search, every step also reports its
+        recall@k against the exact search and the ESS loss's relative error on a sample of
+        this many pixels (``search_recall``, ``search_ess_rel_error``; 0: not measured).
       search_probes: cells probed per pixel by the approximate search.
       index_refresh_every: the approximate search's index is rebuilt on the steps
         ``step % n == 0``.
@@ -89,6 +92,7 @@ class LossSpec:
     search_probes: int = knn_index.DEFAULT_PROBES
     index_refresh_every: int = 10
     search_candidates: int = knn_union.DEFAULT_CANDIDATES
+    search_quality_sample: int = 1024
 
     def approximate(self, num_classes: int) -> bool:
         """The ESS negatives come from the approximate search (``knn_index``)."""
@@ -122,6 +126,7 @@ class LossSpec:
             search_probes=int(config.search_probes),
             index_refresh_every=int(config.index_refresh_every),
             search_candidates=int(config.search_candidates),
+            search_quality_sample=int(config.search_quality_sample),
         )
 
 
@@ -271,14 +276,31 @@ def train_step(
             mutable=["batch_stats"],
             rngs={"dropout": rng},
         )
+        neighbor_ids = _approximate_neighbors(outputs, params, batch["label"], class_index, spec)
         loss, parts = compute_loss(
             outputs,
             batch["label"],
             spec,
             class_table=params.get("class_embedding"),
             separation_ids=separation_ids,
-            neighbor_ids=_approximate_neighbors(outputs, params, batch["label"], class_index, spec),
+            neighbor_ids=neighbor_ids,
         )
+        if neighbor_ids is not None and spec.search_quality_sample > 0:
+            quality = knn_index.sampled_quality(
+                outputs["pixel_embedding"],
+                batch["label"],
+                params["class_embedding"],
+                neighbor_ids,
+                temperature=spec.temperature,
+                normalize_classes=True,
+                sample=spec.search_quality_sample,
+                max_block_bytes=spec.max_block_bytes,
+            )
+            parts = {
+                **parts,
+                "search_recall": quality["recall"],
+                "search_ess_rel_error": quality["ess_relative_error"],
+            }
         return loss, (parts, updates["batch_stats"])
 
     (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

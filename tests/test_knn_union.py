@@ -147,7 +147,7 @@ def test_train_step_with_the_union_search():
     key = jax.random.key(1)
     # The union search carries no state: one initial state serves every spec.
     state, batch = _state_and_batch(tiny_config())
-    losses = {}
+    losses, quality = {}, {}
     for name, overrides in {
         "exact": {},
         "every": {"loss.search": "union", "loss.search_candidates": 30},
@@ -158,9 +158,14 @@ def test_train_step_with_the_union_search():
         assert steps.carried_state(config, state.params)["class_index"] is None
         _, out = step(state, batch, key, spec=steps.LossSpec.from_config(config.loss))
         losses[name] = float(out["loss"])
+        quality[name] = (out.get("search_recall"), out.get("search_ess_rel_error"))
     # Same negatives, same arithmetic up to float32 reassociation.
     np.testing.assert_allclose(losses["every"], losses["exact"], rtol=1e-5)
     # Farther negatives weigh less in the softmax: a loss no higher, within a few per cent.
     assert 0.9 * losses["exact"] <= losses["few"] <= losses["exact"] * (1 + 1e-5)
+    # Logged every step on a sample (loss.search_quality_sample): perfect with every class.
+    assert quality["exact"] == (None, None)
+    assert float(quality["every"][0]) == 1.0 and float(quality["every"][1]) < 1e-5
+    assert 0.0 < float(quality["few"][0]) <= 1.0 and float(quality["few"][1]) >= 0.0
     with pytest.raises(ConfigError, match="search='union'.*search_candidates=5"):
         config_schema.validate(tiny_config(**{"loss.search": "union", "loss.search_candidates": 5}))
