@@ -39,8 +39,9 @@ from jaxscaleseg.labels import IGNORE_INDEX
 # "union": the stride-4 union search of ``knn_union`` (not through this index).
 SEARCH_MODES = ("exact", "approximate", "union", "auto")
 # ``search="auto"`` takes the approximate search from this many classes on; None: never (the
-# exact search everywhere) until benchmarks/approx_search.py has measured a break-even and a
-# recall that is good enough on trained embeddings.
+# exact search everywhere). BENCHMARKS.md §7: the stride-4 union ("union") reaches recall@7
+# >= 0.98 on trained embeddings and is faster from 10 000 classes on, but the training-quality
+# comparison is still to run and embeddings without spatial structure defeat it.
 AUTO_APPROXIMATE_MIN_CLASSES: int | None = None
 DEFAULT_PROBES = 8
 _POWER_ITERATIONS = 8
