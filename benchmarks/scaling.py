@@ -15,7 +15,15 @@ compiles ``steps.train_step`` (model + loss + optimiser update) and reports
 It writes ``benchmarks/results/scaling_<preset>.csv`` and ``.md`` and a PNG plot (memory and
 time against C, log-scaled, both heads) ``benchmarks/results/scaling_<preset>.png``.
 ``--classes``, ``--backbone``, ``--size``, ``--batch`` and ``--dtypes`` override a preset
-(the tests run the ``gpu`` preset on CPU with a tiny override).
+(the tests run the ``gpu`` preset on CPU with a tiny override); ``--heads ess`` times one head
+only, and ``--loss KEY=VALUE`` (repeatable) sets a ``loss`` config key of the ESS cells, e.g.
+
+    python -m benchmarks.scaling --classes 1284 100000 --heads ess \
+        --loss search=union --loss separation_refresh_every=100 --output_dir /tmp/union
+
+Each row also reports the first (warm-up) step after compiling, which is step 0: with
+``separation_refresh_every = n > 1`` it is the step that refreshes the separation ids, the
+median one of those that do not, so a step costs ``(first + (n - 1) * median) / n`` on average.
 """
 
 from __future__ import annotations
@@ -53,6 +61,8 @@ class Preset:
     class_counts: tuple[int, ...] = (19, 150, 1284, 10_000, 100_000)
     embedding_dim: int = 12
     repeats: int = 3
+    heads: tuple[str, ...] = ("softmax", "ess")
+    loss_overrides: tuple[tuple[str, str], ...] = ()
 
 
 PRESETS = {
@@ -73,7 +83,28 @@ def make_config(preset: Preset, num_classes: int, head: str, dtype: str):
     config.model.embedding_dim = preset.embedding_dim
     config.model.dtype = dtype
     config.loss.name = "softmax" if head == "softmax" else "ess"
+    if head != "softmax":
+        for key, text in preset.loss_overrides:
+            config.loss[key] = parse_loss_value(config.loss, key, text)
+        config_schema.validate(config)
     return config
+
+
+def parse_loss_value(loss_config, key: str, text: str):
+    """``text`` converted to the type of ``loss_config[key]``; unknown keys are refused."""
+    if key not in loss_config:
+        raise SystemExit(f"error: --loss {key}=...: no such loss key; known: {sorted(loss_config)}")
+    current = loss_config[key]
+    if isinstance(current, bool):
+        if text.lower() not in ("true", "false"):
+            raise SystemExit(f"error: --loss {key}={text}: expected true or false")
+        return text.lower() == "true"
+    try:
+        return type(current)(text) if current is not None else text
+    except ValueError:
+        raise SystemExit(
+            f"error: --loss {key}={text}: expected a {type(current).__name__}"
+        ) from None
 
 
 def device_memory_bytes() -> int:
@@ -185,8 +216,10 @@ def measure(preset: Preset, num_classes: int, head: str, dtype: str) -> dict:
         "image": jnp.asarray(rng.normal(size=image_shape).astype(np.float32)),
         "label": jnp.asarray(rng.integers(-1, num_classes, image_shape[:3]).astype(np.int32)),
     }
-    state, _ = compiled(state, batch, key)  # warm-up
+    start = time.perf_counter()
+    state, _ = compiled(state, batch, key)  # warm-up: step 0 (refreshes carried ids)
     jax.block_until_ready(state)
+    row["first_step_seconds"] = time.perf_counter() - start
     times = []
     for _ in range(preset.repeats):
         start = time.perf_counter()
@@ -204,19 +237,20 @@ def measure(preset: Preset, num_classes: int, head: str, dtype: str) -> dict:
 def markdown(rows: list[dict]) -> str:
     """The results as a Markdown table."""
     lines = [
-        "| C | head | dtype | compiled peak | step time | images/s | device peak |",
-        "|---:|---|---|---:|---:|---:|---:|",
+        "| C | head | dtype | compiled peak | step time | images/s | first step | device peak |",
+        "|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         if row["fits"]:
             time_cell = f"{row['step_seconds']:.3f} s"
             rate = f"{row['images_per_second']:.2f}"
+            first = f"{row['first_step_seconds']:.3f} s"
         else:
-            time_cell, rate = "does not fit", "—"
+            time_cell, rate, first = "does not fit", "—", "—"
         device = f"{row['device_peak_mb']:,.0f} MB" if "device_peak_mb" in row else "—"
         lines.append(
             f"| {row['C']:,} | {row['head']} | {row['dtype']} | "
-            f"{row['compiled_peak_mb']:,.1f} MB | {time_cell} | {rate} | {device} |"
+            f"{row['compiled_peak_mb']:,.1f} MB | {time_cell} | {rate} | {first} | {device} |"
         )
     return "\n".join(lines)
 
@@ -252,10 +286,11 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def describe(preset: Preset) -> str:
+    overrides = "".join(f", loss.{k} = {v}" for k, v in preset.loss_overrides)
     return (
         f"DeepLabV3+ {preset.backbone} OS {preset.output_stride}, batch {preset.batch}, "
-        f"{preset.size}×{preset.size}, D = {preset.embedding_dim}, full train step (model + loss "
-        f"+ SGD update); jax {jax.__version__} on {jax.devices()[0].device_kind}, "
+        f"{preset.size}×{preset.size}, D = {preset.embedding_dim}{overrides}, full train step "
+        f"(model + loss + SGD update); jax {jax.__version__} on {jax.devices()[0].device_kind}, "
         f"{os.cpu_count()} CPUs, {platform.machine()}"
     )
 
@@ -269,9 +304,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch", type=int)
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--dtypes", nargs="*", choices=("float32", "bfloat16"))
+    parser.add_argument("--heads", nargs="*", choices=("softmax", "ess"))
+    parser.add_argument(
+        "--loss", action="append", default=[], metavar="KEY=VALUE", help="an ESS loss key"
+    )
     parser.add_argument("--output_dir", default=str(RESULTS))
     parser.add_argument("--no_plot", action="store_true")
     args = parser.parse_args(argv)
+    for item in args.loss:
+        if "=" not in item:
+            parser.error(f"--loss {item}: expected KEY=VALUE")
     preset = PRESETS[args.preset]
     overrides = {
         "class_counts": tuple(args.classes) if args.classes else None,
@@ -280,6 +322,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "batch": args.batch,
         "repeats": args.repeats,
         "dtypes": tuple(args.dtypes) if args.dtypes else None,
+        "heads": tuple(args.heads) if args.heads else None,
+        "loss_overrides": tuple(tuple(item.split("=", 1)) for item in args.loss) or None,
     }
     preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v})
     print(describe(preset), flush=True)
@@ -288,7 +332,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     stem = out / f"scaling_{args.preset}"
     rows = []
     for num_classes in preset.class_counts:
-        for head in ("softmax", "ess"):
+        for head in preset.heads:
             for dtype in preset.dtypes:
                 start = time.perf_counter()
                 rows.append(measure(preset, num_classes, head, dtype))

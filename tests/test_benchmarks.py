@@ -38,6 +38,33 @@ def test_gpu_scaling_preset_runs_on_cpu_with_a_tiny_override(tmp_path):
 
 
 @pytest.mark.slow
+def test_scaling_times_one_head_with_loss_overrides(tmp_path):
+    common = ["--preset", "cpu", "--classes", "19", "--backbone", "tiny", "--size", "64"]
+    common += ["--repeats", "1", "--no_plot", "--output_dir", str(tmp_path), "--heads", "ess"]
+    rows = scaling.main(
+        [*common, "--loss", "search=union", "--loss", "search_candidates=16"]
+        + ["--loss", "separation_refresh_every=3"]
+    )
+    assert [(r["C"], r["head"]) for r in rows] == [(19, "ess")]
+    assert rows[0]["first_step_seconds"] > 0 and rows[0]["step_seconds"] > 0
+    config = scaling.make_config(
+        scaling.dataclasses.replace(
+            scaling.PRESETS["cpu"], loss_overrides=(("separation_refresh_every", "3"),)
+        ),
+        19,
+        "ess",
+        "float32",
+    )
+    assert config.loss.separation_refresh_every == 3
+    table = (tmp_path / "scaling_cpu.md").read_text()
+    assert "loss.search = union, loss.search_candidates = 16, loss.separation" in table
+    with pytest.raises(SystemExit, match="no such loss key"):
+        scaling.main([*common, "--loss", "serch=union"])
+    with pytest.raises(SystemExit, match="expected a int"):
+        scaling.main([*common, "--loss", "separation_refresh_every=often"])
+
+
+@pytest.mark.slow
 def test_quality_benchmark_trains_both_heads_with_the_same_budget(tmp_path):
     from benchmarks import quality
 
