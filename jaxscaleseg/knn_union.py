@@ -93,9 +93,15 @@ def _source_search(sources, classes, candidates, normalize, budget, index, probe
     """ids int32 ``[B, h, w, K']`` of each source's nearest classes and, for an exact search,
     float32 ``[B, h, w]`` the K'-th one's score (the certificate's bound); None otherwise."""
     if index is None:
-        # The pyramid selection's reduction compiles for minutes on CPU at k = 16 (measured):
-        # lax.top_k for longer lists.
-        method = "auto" if candidates <= _MAX_PYRAMID_K else "top_k"
+        # The pyramid selection's reduction compiles for minutes on CPU at k = 16 (measured),
+        # so longer lists take another exact selection (same ids, same order): on CPU the tile
+        # minima, which searched 8 192 sources for K' = 32 of 100 000 classes in 1.9 s against
+        # lax.top_k's 2.7 s (1 284 and 10 000 classes: no slower); elsewhere lax.top_k until a
+        # GPU measurement (benchmarks.gpu_check's selection rows) says otherwise.
+        if candidates <= _MAX_PYRAMID_K:
+            method = "auto"
+        else:
+            method = "tile_minima" if jax.default_backend() == "cpu" else "top_k"
         ids = knn.nearest_class_ids(
             sources,
             classes,
