@@ -459,7 +459,8 @@ def run(
         steps = workdir_lib.checkpoint_steps(chained / workdir_lib.LATEST_DIR)
         copy = root / "resume"
         shutil.rmtree(copy, ignore_errors=True)
-        shutil.copytree(chained, copy)
+        if chained.exists():  # a kill early in start-up can come before the workdir exists
+            shutil.copytree(chained, copy)
         try:
             resumed = run_to_end(schedule, copy, root, root / "resume.log")
             problems = compare(copy, reference, schedule)
