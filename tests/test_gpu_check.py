@@ -60,7 +60,7 @@ def test_tiny_run_writes_every_row(tiny_run):
         (40, "softmax", ""),
         (40, "ess", "min_rounds"),
         (40, "ess", "tile_minima"),
-        (40, "ess", "approximate"),
+        (40, "ess", "union"),
     }
     # The ESS step with the selection made to fail compiling "does not fit", and says why.
     failed = steps.pop((40, "ess", "min_rounds"))
@@ -68,7 +68,7 @@ def test_tiny_run_writes_every_row(tiny_run):
     assert all(r["fits"] and r["step_seconds"] > 0 for r in steps.values())
     assert steps[40, "ess", ""]["plan"]["table_gradient"] == "scatter"  # CPU's auto plan
     assert steps[40, "ess", ""]["plan"]["search_method"] == "pyramid"
-    assert steps[40, "ess", "approximate"]["search"] == "approximate"
+    assert steps[40, "ess", "union"]["search"] == "union"
     (profile,) = [r for r in rows if r["kind"] == "profile"]
     assert 1 <= len(profile["top_ops"]) <= 10 and profile["ops_source"].startswith("host")
     assert all(0 < op["share"] for op in profile["top_ops"])
@@ -77,7 +77,7 @@ def test_tiny_run_writes_every_row(tiny_run):
         assert heading in summary
     assert "ESS / softmax step time" in summary and "floor" in summary
     assert "| tiny | 40 | ess | min_rounds | — | out of memory while compiling | — |" in summary
-    assert "ESS with approximate:" in summary and "(issue 15: at most 2)" in summary
+    assert "ESS with union:" in summary and "(issue 15: at most 2)" in summary
     assert "C = 40, ESS with tile_minima:" in summary
 
 
@@ -143,7 +143,7 @@ def test_full_preset_plan_puts_the_acceptance_first(tmp_path):
     assert sum(n.startswith("loss") for n in names) == 12
     # 16 cells of the first run, 4 with other selections, the approximate search at 100 000.
     assert sum(n.startswith("step") for n in names) == 21
-    assert "step resnet101 C=100000 ess approximate" in names
+    assert "step resnet101 C=100000 ess union" in names
     # The class counts outside the acceptance come last (the first to be cut by the budget).
     assert names.index("input") < names.index("step mobilenet_v2 C=150 ess")
     assert len(set(names)) == len(names)
@@ -201,7 +201,7 @@ def test_summary_of_gpu_like_rows(tmp_path):
         step(100_000, "softmax", 900_000.0),
         {**step(10_000, "softmax", 160_000.0), "peak_estimated": True},
         {**step(1284, "ess", 4000.0, 0.035), "selection_setting": "min_rounds"},
-        {**step(100_000, "ess", 4000.0, 0.06), "search": "approximate"},
+        {**step(100_000, "ess", 4000.0, 0.06), "search": "union"},
         {"kind": "matmul", "square_size": 8192, "square_tflops": 50.0},
         {"kind": "status", "piece": "step resnet101 C=100000 ess", "status": "ok", "seconds": 1.0},
     ]
