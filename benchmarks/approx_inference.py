@@ -4,8 +4,10 @@
     python -m benchmarks.approx_inference --checkpoint WORKDIR --classes 1284 100000
 
 One ``--size`` image (1024×2048 by default) of pixel embeddings, assigned by the exact search
-(``knn.assign``) and by the approximate one (``knn_union.approximate_assign``, K' =
-``--candidates``): the fraction of pixels where they agree and the wall time of each (jitted,
+(``knn.assign``) and by each of ``--methods``: the approximate one
+(``knn_union.approximate_assign``, K' = ``--candidates``) and the certified one
+(``knn_certified.certified_assign``, which also reports the fraction of pixels its bound
+certified): the fraction of pixels where each agrees with the exact one and its wall time (jitted,
 compiled before timing, one timed run each: at C = 100 000 the exact search of a whole image
 takes minutes on a CPU). With ``--exact_rows R`` the exact search runs on the first R rows only
 (agreement on those rows; its time scaled by H/R, marked "×H/R" in the table).
@@ -30,21 +32,33 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import approx_search
-from jaxscaleseg import knn, knn_union
+from jaxscaleseg import knn, knn_certified, knn_union
+
+METHODS = ("approximate", "certified")
 
 
 def _compiled(fn, *args):
     return jax.jit(fn).lower(*args).compile()
 
 
-def _run(compiled, *args) -> tuple[float, np.ndarray]:
+def _run(compiled, *args):
     start = time.perf_counter()
     out = jax.block_until_ready(compiled(*args))
-    return time.perf_counter() - start, np.asarray(out)
+    return time.perf_counter() - start, jax.tree.map(np.asarray, out)
 
 
-def measure(features: np.ndarray, classes: np.ndarray, candidates: int, exact_rows: int):
-    """Agreement and times of one image ``[1, H, W, D]`` against ``classes [C, D]``."""
+def measure(
+    features: np.ndarray,
+    classes: np.ndarray,
+    candidates: int,
+    exact_rows: int,
+    method: str = "approximate",
+):
+    """Agreement and times of one image ``[1, H, W, D]`` against ``classes [C, D]``.
+
+    ``method``: ``"approximate"`` (``knn_union.approximate_assign``) or ``"certified"``
+    (``knn_certified.certified_assign``, whose certified fractions are reported too).
+    """
     height = features.shape[1]
     rows = min(int(exact_rows or height), height)
     full, top = jnp.asarray(features), jnp.asarray(features[:, :rows])
@@ -56,15 +70,22 @@ def measure(features: np.ndarray, classes: np.ndarray, candidates: int, exact_ro
     def approximate(x, c):
         return knn_union.approximate_assign(x, c, candidates=candidates, max_block_bytes="auto")
 
-    approx_s, approx_ids = _run(_compiled(approximate, full, table), full, table)
+    def certified(x, c):
+        return knn_certified.certified_assign(x, c, candidates=candidates)
+
+    fn = certified if method == "certified" else approximate
+    approx_s, out = _run(_compiled(fn, full, table), full, table)
+    approx_ids, stats = (out[0], {"certified": out[1]}) if method == "certified" else (out, {})
     exact_s, exact_ids = _run(_compiled(exact, top, table), top, table)
     return {
         "classes": int(classes.shape[0]),
+        "method": method,
         "candidates": candidates,
-        "agreement": float(np.mean(approx_ids[:, :rows] == exact_ids)),
+        "agreement": float(np.mean(np.asarray(approx_ids)[:, :rows] == exact_ids)),
         "exact_s": exact_s * height / rows,
         "exact_scaled": rows < height,
         "approx_s": approx_s,
+        **{name: float(value) for name, value in stats.items()},
     }
 
 
@@ -78,6 +99,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classes", type=int, nargs="+", default=[1284, 100_000])
     parser.add_argument("--candidates", type=int, nargs="+", default=[32])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=["approximate"])
     parser.add_argument("--size", type=int, nargs=2, default=(1024, 2048), metavar=("H", "W"))
     parser.add_argument("--dim", type=int, default=24, help="D of the random embeddings")
     parser.add_argument("--exact_rows", type=int, default=0, help="0: the whole image")
@@ -95,8 +117,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         f"# {platform.processor() or platform.machine()}, jax {jax.__version__}, "
         f"{jax.default_backend()}; image {args.size[0]}x{args.size[1]}"
     )
-    print("| embeddings | C | K' | agreement | exact s | approx s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| embeddings | C | method | K' | agreement | certified | exact s | method s |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
     rows = []
     for kind, given in kinds.items():
         for num_classes in args.classes:
@@ -110,16 +132,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
                 classes = approx_search.extend_classes(
                     given[1], num_classes, args.extra_noise, seed=0
                 )
-            for candidates in args.candidates:
-                row = measure(features, classes, min(candidates, num_classes), args.exact_rows)
-                row["kind"] = kind
-                rows.append(row)
-                scaled = f" (×{features.shape[1]}/{args.exact_rows})" if row["exact_scaled"] else ""
-                print(
-                    f"| {kind} | {num_classes} | {row['candidates']} | {row['agreement']:.4f}"
-                    f" | {row['exact_s']:.2f}{scaled} | {row['approx_s']:.2f} |",
-                    flush=True,
-                )
+            for method in args.methods:
+                for candidates in args.candidates:
+                    k = min(candidates, num_classes)
+                    row = measure(features, classes, k, args.exact_rows, method)
+                    row["kind"] = kind
+                    rows.append(row)
+                    scaled = f" (×{features.shape[1]}/{args.exact_rows})" * row["exact_scaled"]
+                    certified = f"{row['certified']:.4f}" if "certified" in row else "—"
+                    print(
+                        f"| {kind} | {num_classes} | {method} | {k} | {row['agreement']:.4f}"
+                        f" | {certified} | {row['exact_s']:.2f}{scaled} | {row['approx_s']:.2f} |",
+                        flush=True,
+                    )
     return rows
 
 

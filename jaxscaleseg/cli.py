@@ -45,8 +45,9 @@ SCALES = flags.DEFINE_string(
 SEARCH = flags.DEFINE_enum(
     "search",
     None,
-    ["exact", "approximate"],
-    "Embedding head: exact nearest class, or the approximate stride-4 union search.",
+    ["exact", "approximate", "certified"],
+    "Embedding head: exact nearest class; the approximate stride-4 union search; or 'certified', "
+    "the exact answer through the union where a bound proves it and an exact search elsewhere.",
 )
 OUTPUT = flags.DEFINE_string(
     "output", None, "Where to write: the pictures' directory (predict), the .npz (convert_weights)."

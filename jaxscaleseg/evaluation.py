@@ -193,8 +193,8 @@ def results(
 
 
 def result_stem(split: str, checkpoint: str | int, settings: inference.InferenceSettings) -> str:
-    """``eval_<split>_<checkpoint>`` plus ``_slide``/``_flip``/``_ms``/``_approx`` for
-    non-default settings."""
+    """``eval_<split>_<checkpoint>`` plus ``_slide``/``_flip``/``_ms``/``_approx``/``_certified``
+    for non-default settings."""
     stem = f"eval_{split}_{checkpoint}"
     if settings.mode == "slide":
         stem += "_slide"
@@ -202,8 +202,10 @@ def result_stem(split: str, checkpoint: str | int, settings: inference.Inference
         stem += "_flip"
     if tuple(settings.scales) != (1.0,):
         stem += "_ms"
-    if settings.search != "exact":
+    if settings.search == "approximate":
         stem += "_approx"
+    elif settings.search == "certified":
+        stem += "_certified"
     return stem
 
 

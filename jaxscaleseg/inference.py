@@ -39,7 +39,7 @@ import ml_collections
 import numpy as np
 from jax import lax
 
-from jaxscaleseg import knn, knn_union, steps
+from jaxscaleseg import knn, knn_certified, knn_union, steps
 from jaxscaleseg import workdir as workdir_lib
 from jaxscaleseg.data import augment, sources, synthetic
 from jaxscaleseg.models import build_model, l2_normalize
@@ -49,7 +49,7 @@ ApplyFn = Callable[[jax.Array], Mapping[str, jax.Array]]
 Features = tuple[jax.Array, jax.Array | None]
 
 MODES = ("whole", "slide")
-SEARCHES = ("exact", "approximate")
+SEARCHES = ("exact", "approximate", "certified")
 _SECTION = ("mode", "crop_size", "stride", "flip", "scales", "search", "search_candidates")
 # Multi-scale test scales in common use (mmsegmentation, DeepLab): 0.5 to 1.75 in steps of 0.25.
 COMMON_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -66,8 +66,10 @@ class InferenceSettings:
       flip: also predict the horizontally flipped image and merge.
       scales: image scales to predict at and merge (1.0: the original size).
       max_block_bytes: memory budget of the nearest-class search.
-      search: ``"exact"`` or ``"approximate"`` (embedding head: ``knn_union.approximate_assign``,
-        agreement with the exact assignment in BENCHMARKS.md §7).
+      search: ``"exact"``, ``"approximate"`` (embedding head: ``knn_union.approximate_assign``,
+        agreement with the exact assignment in BENCHMARKS.md §7) or ``"certified"``
+        (``knn_certified.certified_assign``: the exact assignment, the approximate one where a
+        bound proves it exact and an exact search elsewhere).
       search_candidates: K', classes searched per point of its ×4 coarser grid.
     """
 
@@ -348,6 +350,14 @@ def features_to_labels(
     """
     if search not in SEARCHES:
         raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
+    if search == "certified" and class_embedding is not None:
+        ids, _ = knn_certified.certified_assign(
+            features,
+            class_embedding,
+            candidates=int(search_candidates),
+            max_block_bytes=max_block_bytes,
+        )
+        return ids
     if search == "approximate" and class_embedding is not None:
         return knn_union.approximate_assign(
             features,
@@ -531,7 +541,7 @@ def describe(settings: InferenceSettings) -> str:
     if tuple(settings.scales) != (1.0,):
         parts.append("scales " + ",".join(f"{s:g}" for s in settings.scales))
     if settings.search != "exact":
-        parts.append(f"approximate search K'={settings.search_candidates}")
+        parts.append(f"{settings.search} search K'={settings.search_candidates}")
     return " ".join(parts)
 
 

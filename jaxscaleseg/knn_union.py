@@ -89,26 +89,31 @@ def axis_cells(n_in: int, n_out: int) -> AxisCells:
     )
 
 
+def list_method(k: int) -> str:
+    """The exact selection (``knn.nearest_class_ids``'s ``method``) for lists of k classes.
+
+    The pyramid selection's reduction compiles for minutes on CPU at k = 16 (measured), so
+    longer lists take another exact selection (same ids, same order): on CPU the tile minima,
+    which searched 8 192 sources for K' = 32 of 100 000 classes in 1.9 s against lax.top_k's
+    2.7 s (1 284 and 10 000 classes: no slower); elsewhere lax.top_k until a GPU measurement
+    (``benchmarks.gpu_check``'s selection rows) says otherwise.
+    """
+    if k <= _MAX_PYRAMID_K:
+        return "auto"
+    return "tile_minima" if jax.default_backend() == "cpu" else "top_k"
+
+
 def _source_search(sources, classes, candidates, normalize, budget, index, probes):
     """ids int32 ``[B, h, w, K']`` of each source's nearest classes and, for an exact search,
     float32 ``[B, h, w]`` the K'-th one's score (the certificate's bound); None otherwise."""
     if index is None:
-        # The pyramid selection's reduction compiles for minutes on CPU at k = 16 (measured),
-        # so longer lists take another exact selection (same ids, same order): on CPU the tile
-        # minima, which searched 8 192 sources for K' = 32 of 100 000 classes in 1.9 s against
-        # lax.top_k's 2.7 s (1 284 and 10 000 classes: no slower); elsewhere lax.top_k until a
-        # GPU measurement (benchmarks.gpu_check's selection rows) says otherwise.
-        if candidates <= _MAX_PYRAMID_K:
-            method = "auto"
-        else:
-            method = "tile_minima" if jax.default_backend() == "cpu" else "top_k"
         ids = knn.nearest_class_ids(
             sources,
             classes,
             candidates,
             max_block_bytes=budget,
             normalize_classes=normalize,
-            method=method,
+            method=list_method(candidates),
         )
         last = classes[ids[..., -1]]
         if normalize:
@@ -199,10 +204,57 @@ def union_nearest_class_ids(
     budget = knn.resolve_block_bytes(max_block_bytes)
     classes = lax.stop_gradient(jnp.asarray(class_emb, jnp.float32))
     src = lax.stop_gradient(jnp.asarray(sources, jnp.float32))
-    rows, cols = axis_cells(src.shape[1], height), axis_cells(src.shape[2], width)
     src_ids, src_bound = _source_search(
         src, classes, candidates, normalize_classes, budget, index, probes
     )
+    return rerank_source_lists(
+        queries,
+        src_ids,
+        src_bound,
+        classes,
+        k,
+        exclude=exclude,
+        normalize_classes=normalize_classes,
+        max_block_bytes=budget,
+    )
+
+
+def rerank_source_lists(
+    queries: jax.Array,
+    src_ids: jax.Array,
+    src_bound: jax.Array | None,
+    class_emb: jax.Array,
+    k: int,
+    *,
+    exclude: jax.Array | None = None,
+    normalize_classes: bool = False,
+    max_block_bytes: int = knn.DEFAULT_MAX_BLOCK_BYTES,
+    slack: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """The k best of each full-resolution pixel among its four sources' given lists.
+
+    Args:
+      queries: float ``[B, H, W, D]``, the full-resolution pixel embeddings.
+      src_ids: int32 ``[B, h, w, K']``, each stride-4 source's K' nearest classes (distinct).
+      src_bound: float32 ``[B, h, w]``, each source's K'-th score when its list is the exact
+        K' nearest (the certificate's bound), or None: nothing is certified.
+      class_emb: float ``[C, D]``.
+      k: neighbours per pixel, ``1 <= k <= K'`` (``K' − 1`` with ``exclude``).
+      exclude: optional int ``[B, H, W]``: one class id per pixel never returned.
+      normalize_classes: score against the unit-length rows of ``class_emb``.
+      max_block_bytes: budget of a block's gathered rows and scores (bytes).
+      slack: optional float32 ``[B, H, W]`` subtracted from each pixel's bound (the pixel's
+        departure from the sources' bilinear blend, see ``knn_certified``).
+
+    Returns:
+      ``(ids, certified)`` as :func:`union_nearest_class_ids`.
+    """
+    batch, height, width, dim = queries.shape
+    num_classes = class_emb.shape[0]
+    candidates = src_ids.shape[-1]
+    budget = int(max_block_bytes)
+    classes = lax.stop_gradient(jnp.asarray(class_emb, jnp.float32))
+    rows, cols = axis_cells(src_ids.shape[1], height), axis_cells(src_ids.shape[2], width)
     # Per cell: the four sources' lists [B, h+1, w+1, 4K'] and its pixels' bounds.
     sy, sx = rows.sources[:, None, :, None], cols.sources[None, :, None, :]
     cell_ids = src_ids[:, sy, sx].reshape(batch, *sy.shape[:1], sx.shape[1], 4 * candidates)
@@ -216,6 +268,8 @@ def union_nearest_class_ids(
         bound = jnp.full(excluded.shape, -jnp.inf)
     else:
         bound = _pixel_bounds(src_bound[:, sy, sx].reshape(*cell_ids.shape[:3], 4), rows, cols)
+        if slack is not None:
+            bound = bound - _by_cells(jnp.asarray(slack, jnp.float32), rows, cols)
     cells_y, cells_x, pixels = cell_queries.shape[1:4]
     units = batch * cells_y  # a unit is one row of cells
     flat = {

@@ -184,9 +184,17 @@ def test_approx_inference_benchmark_agrees_with_every_class_as_candidate():
 
     rows = approx_inference.main(
         ["--size", "32", "32", "--classes", "40", "--candidates", "40", "4", "--dim", "6"]
-        + ["--exact_rows", "16"]
+        + ["--exact_rows", "16", "--methods", "approximate", "certified"]
     )
-    assert [r["candidates"] for r in rows] == [40, 4]
-    # Every class a candidate: the exact assignment; 4 of 40 on random features: less.
+    assert [(r["method"], r["candidates"]) for r in rows] == [
+        ("approximate", 40),
+        ("approximate", 4),
+        ("certified", 40),
+        ("certified", 4),
+    ]
+    # Every class a candidate: the exact assignment; 4 of 40 on random features: less; the
+    # certified one: exact either way, having certified fewer pixels with fewer candidates.
     assert rows[0]["agreement"] == 1.0 and 0.0 < rows[1]["agreement"] < 1.0
+    assert rows[2]["agreement"] == 1.0 and rows[3]["agreement"] == 1.0
+    assert rows[3]["certified"] < rows[2]["certified"]
     assert all(r["exact_scaled"] and r["exact_s"] > 0 and r["approx_s"] > 0 for r in rows)

@@ -1,0 +1,92 @@
+"""The certified assignment: exact against float64 references, whatever the features."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxscaleseg import inference, knn, knn_certified
+from tests import reference
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _table(rng, num_classes, dim):
+    """Class rows of unequal norms (0.5 to 1.5): the bounds use the largest norm."""
+    rows = _unit(rng.normal(size=(num_classes, dim))) * rng.uniform(0.5, 1.5, (num_classes, 1))
+    return rows.astype(np.float32)
+
+
+def _assert_nearest(ids, queries, classes):
+    """``ids`` are the float64 nearest classes, except where two classes tie within float32
+    rounding (the distances are compared at 1e-5, ~100 float32 ulps of these magnitudes)."""
+    dim = queries.shape[-1]
+    d = reference.distances(queries.reshape(-1, dim), classes)
+    got = np.take_along_axis(d, np.asarray(ids).reshape(-1, 1), -1)[:, 0]
+    np.testing.assert_allclose(got, d.min(-1), rtol=0, atol=1e-5)
+    assert np.mean(np.asarray(ids).reshape(-1) == d.argmin(-1)) > 0.99
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_search_uncertified_replaces_only_the_uncertified_rows(seed):
+    rng = np.random.default_rng(seed)
+    queries = rng.normal(size=(45, 6)).astype(np.float32)
+    classes = _table(rng, 30, 6)
+    stale = rng.integers(0, 30, (45, 3)).astype(np.int32)
+    certified = rng.random(45) < 0.6
+    ids = jax.jit(
+        lambda q, i, c, e: knn_certified.search_uncertified(
+            q, i, c, e, max_block_bytes=4096, chunk=7
+        )
+    )(queries, stale, certified, classes)
+    _, want = reference.nearest(queries, classes, 3)
+    np.testing.assert_array_equal(np.asarray(ids)[certified], stale[certified])
+    np.testing.assert_array_equal(np.asarray(ids)[~certified], want[~certified])
+
+
+@pytest.mark.parametrize("kind", ["smooth", "random", "noisy"])
+def test_certified_assignment_is_the_exact_one(kind):
+    """Smooth features (the model's kind: mostly certified), independent random grid points
+    (mostly searched exactly) and smooth ones with per-pixel noise (not a blend of any grid:
+    the bound's slack)."""
+    rng = np.random.default_rng(["smooth", "random", "noisy"].index(kind) + 10)
+    batch, h, w, dim, num_classes = 2, 5, 7, 6, 60
+    if kind == "random":
+        grid = rng.normal(size=(batch, h, w, dim))
+    else:
+        coarse = rng.normal(size=(batch, 2, 3, dim))
+        grid = np.asarray(jax.image.resize(coarse, (batch, h, w, dim), "bilinear"))
+    grid = _unit(grid).astype(np.float32)
+    shape = (batch, 4 * h - 1, 4 * w - 2, dim)  # not multiples of 4: partial border cells
+    features = np.asarray(jax.image.resize(grid, shape, "bilinear", antialias=False))
+    if kind == "noisy":
+        features = features + 0.05 * rng.normal(size=shape)
+    features = _unit(features).astype(np.float32)
+    classes = _table(rng, num_classes, dim)
+    ids, certified = knn_certified.certified_assign(
+        features, classes, candidates=8, max_block_bytes=1 << 16
+    )
+    assert ids.shape == shape[:3] and ids.dtype == jnp.int32
+    _assert_nearest(ids, features, classes)
+    # Both paths ran: the bound certifies most smooth pixels and few random ones.
+    if kind == "random":
+        assert float(certified) < 0.5
+    else:
+        assert float(certified) > 0.5
+    labels = inference.features_to_labels(
+        features, classes, search="certified", search_candidates=8
+    )
+    np.testing.assert_array_equal(np.asarray(labels), np.asarray(ids))
+    np.testing.assert_array_equal(
+        np.asarray(labels), np.asarray(knn.assign(jnp.asarray(features), jnp.asarray(classes)))
+    )
+
+
+def test_certified_assignment_rejects_bad_shapes():
+    classes = np.eye(4, 3, dtype=np.float32)
+    with pytest.raises(ValueError, match="takes \\[B, H, W, D\\]"):
+        knn_certified.certified_assign(np.zeros((8, 3), np.float32), classes)
+    settings = inference.InferenceSettings(search="certified", search_candidates=8)
+    assert inference.describe(settings) == "whole certified search K'=8"
