@@ -18,7 +18,8 @@ Work is grouped by *cells*: the output pixels that share the same pair of source
 of source columns (4×4 pixels at a ×4 upsampling, fewer at the borders). A cell gathers its
 union's class rows once and scores its pixels against them in one small matmul, so the class
 rows are read ``4K'`` per 16 pixels instead of per pixel. Cell rows are processed in blocks
-within ``max_block_bytes``; nothing is N×C.
+within ``max_block_bytes``, each block gathering its own cells' queries and lists (no per-cell
+copy of the whole batch); nothing is N×C.
 
 Cost: the sources' search (``N/16`` queries, exact over C, or sub-linear through a
 ``knn_index`` index) plus ``4K'`` scores per pixel, independent of C.
@@ -144,15 +145,6 @@ def _repeated(ids: jax.Array, candidates: int) -> jax.Array:
     return jnp.concatenate(seen, -1)
 
 
-def _by_cells(array: jax.Array, rows: AxisCells, cols: AxisCells) -> jax.Array:
-    """``[B, H, W, ...]`` → ``[B, h+1, w+1, Gy·Gx, ...]`` (empty slots repeat output 0)."""
-    y = np.maximum(rows.members, 0)[:, None, :, None]
-    x = np.maximum(cols.members, 0)[None, :, None, :]
-    cells = array[:, y, x]  # [B, h+1, w+1, Gy, Gx, ...]
-    shape = cells.shape
-    return cells.reshape(*shape[:3], shape[3] * shape[4], *shape[5:])
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("k", "candidates", "normalize_classes", "max_block_bytes", "probes"),
@@ -255,35 +247,32 @@ def rerank_source_lists(
     budget = int(max_block_bytes)
     classes = lax.stop_gradient(jnp.asarray(class_emb, jnp.float32))
     rows, cols = axis_cells(src_ids.shape[1], height), axis_cells(src_ids.shape[2], width)
-    # Per cell: the four sources' lists [B, h+1, w+1, 4K'] and its pixels' bounds.
-    sy, sx = rows.sources[:, None, :, None], cols.sources[None, :, None, :]
-    cell_ids = src_ids[:, sy, sx].reshape(batch, *sy.shape[:1], sx.shape[1], 4 * candidates)
-    cell_queries = _by_cells(lax.stop_gradient(queries).astype(jnp.float32), rows, cols)
-    excluded = (
-        jnp.full(cell_queries.shape[:-1], -1, jnp.int32)
-        if exclude is None
-        else _by_cells(jnp.asarray(exclude, jnp.int32), rows, cols)
-    )
-    if src_bound is None:  # nothing is certified: a bound below every score
-        bound = jnp.full(excluded.shape, -jnp.inf)
-    else:
-        bound = _pixel_bounds(src_bound[:, sy, sx].reshape(*cell_ids.shape[:3], 4), rows, cols)
-        if slack is not None:
-            bound = bound - _by_cells(jnp.asarray(slack, jnp.float32), rows, cols)
-    cells_y, cells_x, pixels = cell_queries.shape[1:4]
+    cells_y, cells_x = rows.members.shape[0], cols.members.shape[0]
     units = batch * cells_y  # a unit is one row of cells
+    pixels = rows.members.shape[1] * cols.members.shape[1]
+    # Each block gathers its own units' queries, lists and bounds from these: all the cells'
+    # at once would copy the queries and hold each source's list four times (BENCHMARKS §2:
+    # 10 MB more at the train step's peak on the CPU preset).
     flat = {
-        "q": cell_queries.reshape(units, cells_x, pixels, dim),
-        "ex": excluded.reshape(units, cells_x, pixels),
-        "ids": cell_ids.reshape(units, cells_x, 4 * candidates),
-        "bound": bound.reshape(units, cells_x, pixels),
+        "q": lax.stop_gradient(queries).astype(jnp.float32).reshape(-1, dim),
+        "ex": None if exclude is None else jnp.asarray(exclude, jnp.int32).reshape(-1),
+        "ids": src_ids.reshape(-1, candidates),
+        "bound": None if src_bound is None else src_bound.reshape(-1),
+        "slack": None if slack is None else jnp.asarray(slack, jnp.float32).reshape(-1),
     }
     rerank = functools.partial(
-        _rerank, classes=classes, k=k, candidates=candidates, normalize=normalize_classes
+        _rerank_units,
+        flat=flat,
+        cells=_UnitCells.of(rows, cols, height, width),
+        classes=classes,
+        k=k,
+        candidates=candidates,
+        normalize=normalize_classes,
     )
     # A unit's gathered rows, scores and queries.
     unit_bytes = cells_x * (4 * candidates * (dim + 2 * pixels + 2) + pixels * (dim + 2 * k)) * 4
-    ids, certified = _blockwise(rerank, flat, units, max(1, budget // max(unit_bytes, 1)))
+    per_block = max(1, budget // max(unit_bytes, 1))
+    ids, certified = _blockwise(rerank, {"unit": jnp.arange(units)}, units, per_block)
     gy, gx = rows.members.shape[1], cols.members.shape[1]
     ids = ids.reshape(batch, cells_y, cells_x, gy, gx, k)
     certified = certified.reshape(batch, cells_y, cells_x, gy, gx)
@@ -292,14 +281,71 @@ def rerank_source_lists(
     return ids, certified[:, at[0], at[1], at[2], at[3]]
 
 
-def _pixel_bounds(corner: jax.Array, rows: AxisCells, cols: AxisCells) -> jax.Array:
-    """float32 ``[B, h+1, w+1, Gy·Gx]``: each pixel's certificate bound ``Σᵢ wᵢ tᵢ`` from its
-    cell's four sources' K'-th scores ``corner [B, h+1, w+1, 4]``."""
-    weights = np.einsum("ygi,xhj->yxghij", rows.weights, cols.weights)
-    weights = weights.reshape(*weights.shape[:2], -1, 4).astype(np.float32)
-    # A product and a sum, not an einsum: as a dot with (y, x) batch dimensions it is a loop
-    # of tiny matmuls on CPU (measured 10x slower than the whole re-rank).
-    return jnp.sum(weights[None] * corner[:, :, :, None, :], axis=-1)
+class _UnitCells(NamedTuple):
+    """Static tables locating the pixels and sources of a unit (one row of cells).
+
+    Attributes:
+      pixel_rows: int32 ``[h+1, Gy]``, the output rows of each row of cells (empty slots
+        repeat row 0); pixel_cols: int32 ``[w+1, Gx]``, the same for columns.
+      source_rows: int32 ``[h+1, 2]``; source_cols: int32 ``[w+1, 2]``: the cells' sources.
+      weights: float32 ``[h+1, w+1, Gy·Gx, 4]``, each pixel's weights on its cell's four
+        sources (rows major).
+      shape: ``(H, W, h, w)``, the output's and the sources' sizes.
+    """
+
+    pixel_rows: np.ndarray
+    pixel_cols: np.ndarray
+    source_rows: np.ndarray
+    source_cols: np.ndarray
+    weights: np.ndarray
+    shape: tuple[int, int, int, int]
+
+    @classmethod
+    def of(cls, rows: AxisCells, cols: AxisCells, height: int, width: int) -> _UnitCells:
+        weights = np.einsum("ygi,xhj->yxghij", rows.weights, cols.weights)
+        weights = weights.reshape(*weights.shape[:2], -1, 4).astype(np.float32)
+        shape = (height, width, rows.sources.shape[0] - 1, cols.sources.shape[0] - 1)
+        return cls(
+            np.maximum(rows.members, 0),
+            np.maximum(cols.members, 0),
+            rows.sources,
+            cols.sources,
+            weights,
+            shape,
+        )
+
+
+def _rerank_units(block, *, flat, cells: _UnitCells, classes, k, candidates, normalize):
+    """:func:`_rerank` of units ``block["unit"]`` (int32 ``[U]``, unit = b·(h+1) + cell row),
+    their queries, excluded ids, lists and bounds gathered here from ``flat``: ``{"q": float32
+    [B·H·W, D], "ex": int32 [B·H·W] or None, "ids": int32 [B·h·w, K'], "bound": float32
+    [B·h·w] or None, "slack": float32 [B·H·W] or None}``."""
+    height, width, src_height, src_width = cells.shape
+    unit = block["unit"]
+    batch, cell_row = unit // cells.pixel_rows.shape[0], unit % cells.pixel_rows.shape[0]
+    rows = jnp.asarray(cells.pixel_rows)[cell_row] + (batch * height)[:, None]  # [U, Gy]
+    pixel = rows[:, None, :, None] * width + cells.pixel_cols[None, :, None, :]
+    pixel = pixel.reshape(*pixel.shape[:2], -1)  # [U, X, P], flat over B·H·W
+    rows = jnp.asarray(cells.source_rows)[cell_row] + (batch * src_height)[:, None]  # [U, 2]
+    source = rows[:, None, :, None] * src_width + cells.source_cols[None, :, None, :]
+    source = source.reshape(*source.shape[:2], 4)  # [U, X, 4], flat over B·h·w
+    if flat["bound"] is None:  # nothing is certified: a bound below every score
+        bound = jnp.full(pixel.shape, -jnp.inf)
+    else:
+        # Each pixel's certificate bound Σᵢ wᵢ tᵢ from its cell's four sources' K'-th scores:
+        # a product and a sum, not an einsum (as a dot with (unit, cell) batch dimensions it is
+        # a loop of tiny matmuls on CPU, measured 10x slower than the whole re-rank).
+        weights = jnp.asarray(cells.weights)[cell_row]  # [U, X, P, 4]
+        bound = jnp.sum(weights * flat["bound"][source][:, :, None, :], axis=-1)
+        if flat["slack"] is not None:
+            bound = bound - flat["slack"][pixel]
+    units = {
+        "q": flat["q"][pixel],
+        "ex": jnp.full(pixel.shape, -1, jnp.int32) if flat["ex"] is None else flat["ex"][pixel],
+        "ids": flat["ids"][source].reshape(*source.shape[:2], 4 * candidates),
+        "bound": bound,
+    }
+    return _rerank(units, classes=classes, k=k, candidates=candidates, normalize=normalize)
 
 
 def _rerank(block, *, classes, k, candidates, normalize):
