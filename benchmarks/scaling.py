@@ -24,6 +24,7 @@ only, and ``--loss KEY=VALUE`` (repeatable) sets a ``loss`` config key of the ES
 Each row also reports the first (warm-up) step after compiling, which is step 0: with
 ``separation_refresh_every = n > 1`` it is the step that refreshes the separation ids, the
 median one of those that do not, so a step costs ``(first + (n - 1) * median) / n`` on average.
+``--compile_only`` reports the compiled peaks alone (deterministic: no quiet machine needed).
 """
 
 from __future__ import annotations
@@ -184,8 +185,11 @@ def step_parts(config, image_shape: tuple[int, int, int, int]) -> StepParts:
     )
 
 
-def measure(preset: Preset, num_classes: int, head: str, dtype: str) -> dict:
-    """Compiled memory and (where it fits) step time of one (C, head, dtype) cell."""
+def measure(
+    preset: Preset, num_classes: int, head: str, dtype: str, compile_only: bool = False
+) -> dict:
+    """Compiled memory and (where it fits, unless ``compile_only``) step time of one
+    (C, head, dtype) cell."""
     config = make_config(preset, num_classes, head, dtype)
     image_shape = (preset.batch, preset.size, preset.size, 3)
     parts = step_parts(config, image_shape)
@@ -208,7 +212,7 @@ def measure(preset: Preset, num_classes: int, head: str, dtype: str) -> dict:
         "temp_mb": memory.temp_size_in_bytes / 2**20,
         "fits": peak < 0.9 * device_memory_bytes(),
     }
-    if not row["fits"]:
+    if compile_only or not row["fits"]:
         return row
     state = new_state(random_variables(jax.eval_shape(init, key)))
     rng = np.random.default_rng(0)
@@ -241,12 +245,13 @@ def markdown(rows: list[dict]) -> str:
         "|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        if row["fits"]:
+        if "step_seconds" in row:
             time_cell = f"{row['step_seconds']:.3f} s"
             rate = f"{row['images_per_second']:.2f}"
             first = f"{row['first_step_seconds']:.3f} s"
         else:
-            time_cell, rate, first = "does not fit", "—", "—"
+            time_cell = "not timed" if row["fits"] else "does not fit"
+            rate, first = "—", "—"
         device = f"{row['device_peak_mb']:,.0f} MB" if "device_peak_mb" in row else "—"
         lines.append(
             f"| {row['C']:,} | {row['head']} | {row['dtype']} | "
@@ -269,7 +274,7 @@ def plot(rows: list[dict], path: Path) -> None:
         memory_axis.plot(
             [r["C"] for r in cell], [r["compiled_peak_mb"] for r in cell], "o-", label=label
         )
-        timed = [r for r in cell if r["fits"]]
+        timed = [r for r in cell if "step_seconds" in r]
         time_axis.plot(
             [r["C"] for r in timed], [r["step_seconds"] for r in timed], "o-", label=label
         )
@@ -310,6 +315,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     parser.add_argument("--output_dir", default=str(RESULTS))
     parser.add_argument("--no_plot", action="store_true")
+    parser.add_argument(
+        "--compile_only", action="store_true", help="compiled peaks only, no step timed"
+    )
     args = parser.parse_args(argv)
     for item in args.loss:
         if "=" not in item:
@@ -335,7 +343,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for head in preset.heads:
             for dtype in preset.dtypes:
                 start = time.perf_counter()
-                rows.append(measure(preset, num_classes, head, dtype))
+                rows.append(measure(preset, num_classes, head, dtype, args.compile_only))
                 print(
                     f"  C = {num_classes:,} {head} {dtype}: {time.perf_counter() - start:.0f} s",
                     flush=True,

@@ -58,6 +58,14 @@ def test_scaling_times_one_head_with_loss_overrides(tmp_path):
     assert config.loss.separation_refresh_every == 3
     table = (tmp_path / "scaling_cpu.md").read_text()
     assert "loss.search = union, loss.search_candidates = 16, loss.separation" in table
+    # Compiled only: the same peak (the same program), no step run.
+    peak_only = scaling.main(
+        [*common, "--compile_only", "--loss", "search=union", "--loss", "search_candidates=16"]
+        + ["--loss", "separation_refresh_every=3"]
+    )
+    assert peak_only[0]["compiled_peak_mb"] == rows[0]["compiled_peak_mb"]
+    assert "step_seconds" not in peak_only[0]
+    assert "| not timed |" in (tmp_path / "scaling_cpu.md").read_text()
     with pytest.raises(SystemExit, match="no such loss key"):
         scaling.main([*common, "--loss", "serch=union"])
     with pytest.raises(SystemExit, match="expected a int"):
