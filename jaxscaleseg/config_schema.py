@@ -162,7 +162,7 @@ def _loss_defaults() -> ml_collections.ConfigDict:
     loss.search = "auto"
     loss.search_probes = 8
     loss.index_refresh_every = 10
-    # K': classes searched per stride-4 source by loss.search = "union" (knn_union).
+    # K': classes searched per stride-4 source by loss.search = "union" or "certified".
     loss.search_candidates = 32
     # Approximate searches: recall@k and ESS relative error on this many pixels every step
     # (logged as search_recall, search_ess_rel_error); 0: not measured.
@@ -407,12 +407,12 @@ def _validate_loss(loss: ml_collections.ConfigDict, num_classes: int) -> None:
                 f"loss.search_probes={loss.search_probes} exceeds the index's {cells} cells"
                 f" at num_classes={num_classes}"
             )
-    if loss.search == "union" and not (
+    if loss.search in ("union", "certified") and not (
         loss.num_neighbors < loss.search_candidates <= num_classes
         and loss.negatives == "nearest_other"
     ):
         raise ConfigError(
-            f"loss.search='union' takes loss.num_neighbors < loss.search_candidates <= "
+            f"loss.search={loss.search!r} takes loss.num_neighbors < loss.search_candidates <= "
             f"num_classes and loss.negatives='nearest_other', got search_candidates="
             f"{loss.search_candidates}, num_neighbors={loss.num_neighbors}, num_classes="
             f"{num_classes}, negatives={loss.negatives!r}"

@@ -51,9 +51,12 @@ def search_uncertified(
     class_emb: jax.Array,
     *,
     max_block_bytes: int,
+    exclude: jax.Array | None = None,
+    normalize_classes: bool = False,
     chunk: int = _FALLBACK_CHUNK,
 ) -> jax.Array:
-    """``ids`` with the rows that are not ``certified`` replaced by the exact search's.
+    """``ids`` with the rows that are not ``certified`` replaced by the exact search's (the
+    inference's ``certified`` search and the training's ``loss.search = "certified"``).
 
     The uncertified rows are gathered into chunks of ``chunk`` queries and searched over the
     whole table (``knn.nearest_class_ids``), as many chunks as there are such rows (a
@@ -65,6 +68,8 @@ def search_uncertified(
       certified: bool ``[N]``.
       class_emb: float32 ``[C, D]``.
       max_block_bytes: the exact search's block budget (bytes).
+      exclude: optional int ``[N]``: one class id per row never returned (as the search's).
+      normalize_classes: search against the unit-length rows of ``class_emb``.
       chunk: queries per exact search.
 
     Returns:
@@ -81,12 +86,15 @@ def search_uncertified(
     def body(state):
         index, ids = state
         rows = lax.dynamic_slice_in_dim(order, index * chunk, chunk)
+        safe = jnp.minimum(rows, num - 1)
         found = knn.nearest_class_ids(
-            queries[jnp.minimum(rows, num - 1)],
+            queries[safe],
             class_emb,
             k,
+            exclude=None if exclude is None else exclude[safe],
             max_block_bytes=max_block_bytes,
             method=knn_union.list_method(k),
+            normalize_classes=normalize_classes,
         )
         return index + 1, ids.at[rows].set(found, mode="drop")
 

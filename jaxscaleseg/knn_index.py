@@ -36,8 +36,9 @@ from jax import lax
 from jaxscaleseg import knn, losses
 from jaxscaleseg.labels import IGNORE_INDEX
 
-# "union": the stride-4 union search of ``knn_union`` (not through this index).
-SEARCH_MODES = ("exact", "approximate", "union", "auto")
+# "union": the stride-4 union search of ``knn_union`` (not through this index); "certified":
+# the union where its certificate holds and the exact search elsewhere (``knn_certified``).
+SEARCH_MODES = ("exact", "approximate", "union", "certified", "auto")
 # ``search="auto"`` takes the approximate search from this many classes on; None: never (the
 # exact search everywhere). BENCHMARKS.md §7: the stride-4 union ("union") reaches recall@7
 # >= 0.98 on trained embeddings and is faster from 10 000 classes on, but the training-quality
@@ -63,8 +64,8 @@ class ClassIndex(NamedTuple):
 
 
 def resolve_search(search: str, num_classes: int) -> str:
-    """``"exact"``, ``"approximate"`` or ``"union"``: ``"auto"`` is approximate from
-    ``AUTO_APPROXIMATE_MIN_CLASSES`` classes on (never while that is None).
+    """``"exact"``, ``"approximate"``, ``"union"`` or ``"certified"``: ``"auto"`` is
+    approximate from ``AUTO_APPROXIMATE_MIN_CLASSES`` classes on (never while that is None).
 
     Args:
       search: one of ``SEARCH_MODES``.

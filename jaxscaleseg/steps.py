@@ -25,7 +25,16 @@ import optax
 from flax.training import train_state
 from jax.sharding import NamedSharding
 
-from jaxscaleseg import knn, knn_index, knn_union, losses, metrics, nearest_other, optim
+from jaxscaleseg import (
+    knn,
+    knn_certified,
+    knn_index,
+    knn_union,
+    losses,
+    metrics,
+    nearest_other,
+    optim,
+)
 from jaxscaleseg.errors import ConfigError, ModelMismatchError
 from jaxscaleseg.models import build_model, first_shape_difference
 
@@ -66,8 +75,10 @@ class LossSpec:
       separation_refresh_every: n, the separation term's nearest-other-class ids are searched
         on the steps ``step % n == 0`` and carried in the state between (1: every step).
       search: the pixels' nearest-class search, ``"exact"``, ``"approximate"`` (the class
-        index), ``"union"`` (``knn_union``: the stride-4 sources' candidates re-ranked) or
-        ``"auto"`` (``knn_index.resolve_search``).
+        index), ``"union"`` (``knn_union``: the stride-4 sources' candidates re-ranked),
+        ``"certified"`` (the union's negatives where its certificate proves them exact, the
+        exact search's for the other pixels: exact negatives; reports ``search_certified``,
+        the fraction certified) or ``"auto"`` (``knn_index.resolve_search``).
       search_candidates: K', classes searched per stride-4 source by the union search.
       search_quality_sample: with an approximate search, every step also reports its
         recall@k against the exact search and the ESS loss's relative error on a sample of
@@ -220,10 +231,12 @@ def _refreshed_class_index(state: TrainState, spec: LossSpec) -> Any:
 
 
 def _approximate_neighbors(outputs, params, labels, class_index, spec: LossSpec):
-    """int32 ``[B, H, W, k]``: the ESS negatives of the approximate searches (through the
-    class index, or the stride-4 union); None: the loss searches exactly."""
+    """``(ids, certified)``: int32 ``[B, H, W, k]`` the ESS negatives of the approximate
+    searches (through the class index, or the stride-4 union, completed by the exact search
+    where its certificate fails with ``"certified"``), and with ``"certified"`` the float32
+    fraction of pixels certified (else None); ``(None, None)``: the loss searches exactly."""
     if class_index is not None:
-        return knn_index.approximate_nearest_class_ids(
+        ids = knn_index.approximate_nearest_class_ids(
             outputs["pixel_embedding"],
             params["class_embedding"],
             class_index,
@@ -233,9 +246,11 @@ def _approximate_neighbors(outputs, params, labels, class_index, spec: LossSpec)
             normalize_classes=True,
             max_block_bytes=spec.max_block_bytes,
         )
-    if spec.name != "ess" or knn_index.resolve_search(spec.search, 2) != "union":
-        return None
-    ids, _ = knn_union.union_nearest_class_ids(
+        return ids, None
+    search = knn_index.resolve_search(spec.search, 2)
+    if spec.name != "ess" or search not in ("union", "certified"):
+        return None, None
+    ids, certified = knn_union.union_nearest_class_ids(
         outputs["pixel_embedding"],
         outputs["coarse_pixel_embedding"],
         params["class_embedding"],
@@ -245,7 +260,19 @@ def _approximate_neighbors(outputs, params, labels, class_index, spec: LossSpec)
         normalize_classes=True,
         max_block_bytes=spec.max_block_bytes,
     )
-    return ids
+    if search == "union":
+        return ids, None
+    pixels = outputs["pixel_embedding"]
+    exact = knn_certified.search_uncertified(
+        pixels.reshape(-1, pixels.shape[-1]),
+        ids.reshape(-1, spec.num_neighbors),
+        certified.reshape(-1),
+        params["class_embedding"],
+        exclude=labels.reshape(-1),
+        normalize_classes=True,
+        max_block_bytes=knn.resolve_block_bytes(spec.max_block_bytes),
+    )
+    return exact.reshape(ids.shape), jnp.mean(certified.astype(jnp.float32))
 
 
 def train_step(
@@ -276,7 +303,9 @@ def train_step(
             mutable=["batch_stats"],
             rngs={"dropout": rng},
         )
-        neighbor_ids = _approximate_neighbors(outputs, params, batch["label"], class_index, spec)
+        neighbor_ids, certified = _approximate_neighbors(
+            outputs, params, batch["label"], class_index, spec
+        )
         loss, parts = compute_loss(
             outputs,
             batch["label"],
@@ -301,6 +330,8 @@ def train_step(
                 "search_recall": quality["recall"],
                 "search_ess_rel_error": quality["ess_relative_error"],
             }
+        if certified is not None:
+            parts = {**parts, "search_certified": certified}
         return loss, (parts, updates["batch_stats"])
 
     (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -179,11 +179,13 @@ def test_train_step_with_the_union_search():
     key = jax.random.key(1)
     # The union search carries no state: one initial state serves every spec.
     state, batch = _state_and_batch(tiny_config())
-    losses, quality = {}, {}
+    losses, quality, certified = {}, {}, {}
     for name, overrides in {
         "exact": {},
         "every": {"loss.search": "union", "loss.search_candidates": 30},
         "few": {"loss.search": "union", "loss.search_candidates": 8},
+        "six": {"loss.search": "union", "loss.search_candidates": 6},
+        "certified": {"loss.search": "certified", "loss.search_candidates": 6},
     }.items():
         config = tiny_config(**overrides)
         config_schema.validate(config)
@@ -191,6 +193,7 @@ def test_train_step_with_the_union_search():
         _, out = step(state, batch, key, spec=steps.LossSpec.from_config(config.loss))
         losses[name] = float(out["loss"])
         quality[name] = (out.get("search_recall"), out.get("search_ess_rel_error"))
+        certified[name] = out.get("search_certified")
     # Same negatives, same arithmetic up to float32 reassociation.
     np.testing.assert_allclose(losses["every"], losses["exact"], rtol=1e-5)
     # Farther negatives weigh less in the softmax: a loss no higher, within a few per cent.
@@ -199,5 +202,14 @@ def test_train_step_with_the_union_search():
     assert quality["exact"] == (None, None)
     assert float(quality["every"][0]) == 1.0 and float(quality["every"][1]) < 1e-5
     assert 0.0 < float(quality["few"][0]) <= 1.0 and float(quality["few"][1]) >= 0.0
+    # "certified": the union's lists completed by the exact search where the certificate
+    # fails, so the exact step's negatives and loss where the union alone (K' = 6) misses
+    # some; the fraction certified is reported.
+    # (The union's misses change this loss by ~1e-5 relative, measured; float32 reassociation
+    # of the same negatives by ~1e-7, hence the 5e-6 and 1e-6.)
+    assert losses["six"] < losses["exact"] * (1 - 5e-6), losses
+    np.testing.assert_allclose(losses["certified"], losses["exact"], rtol=1e-6)
+    assert float(quality["certified"][0]) == 1.0
+    assert 0.0 <= float(certified["certified"]) <= 1.0 and certified["few"] is None
     with pytest.raises(ConfigError, match="search='union'.*search_candidates=5"):
         config_schema.validate(tiny_config(**{"loss.search": "union", "loss.search_candidates": 5}))
