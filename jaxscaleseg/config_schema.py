@@ -63,12 +63,12 @@ Sections:
   ``separation_refresh_every`` (n: the separation term's nearest-other-class ids are searched
   exactly on the steps ``step % n == 0`` and carried in the checkpointed train state between;
   1, the default, searches every step as before), ``search`` (``exact``, ``approximate``,
-  ``union`` or ``auto``: the pixels' nearest-class search; ``auto`` is exact until
+  ``union``, ``certified`` or ``auto``: the pixels' nearest-class search; ``auto`` is exact until
   ``knn_index.AUTO_APPROXIMATE_MIN_CLASSES`` is measured), ``search_probes`` (cells probed per
-  pixel), ``index_refresh_every`` (steps between rebuilds of the checkpointed index) and
-  ``search_candidates`` (K', classes searched per stride-4 source by ``union``) and
-  ``search_quality_sample`` (pixels on which an approximate search's recall and loss error
-  are measured every step; 0: off).
+  pixel), ``index_refresh_every`` (steps between rebuilds of the checkpointed index),
+  ``search_candidates`` (K', classes searched per stride-4 source by ``union`` and
+  ``certified``) and ``search_quality_sample`` (pixels on which an approximate search's
+  recall and loss error are measured every step; 0: off).
 * ``optim``: see :func:`jaxscaleseg.optim.make_optimizer`.
 """
 
@@ -157,8 +157,9 @@ def _loss_defaults() -> ml_collections.ConfigDict:
     loss.negatives = "nearest_other"
     # The separation term's nearest-other-class ids searched every n steps (1: every step).
     loss.separation_refresh_every = 1
-    # The pixels' nearest-class search: "exact", "approximate" (knn_index) or "auto" (exact
-    # until benchmarks/approx_search.py has set knn_index.AUTO_APPROXIMATE_MIN_CLASSES).
+    # The pixels' nearest-class search: "exact", "approximate" (knn_index), "union"
+    # (knn_union), "certified" (knn_certified: the union, exact by an exact pass where its
+    # certificate fails) or "auto" (exact while knn_index.AUTO_APPROXIMATE_MIN_CLASSES is None).
     loss.search = "auto"
     loss.search_probes = 8
     loss.index_refresh_every = 10

@@ -41,8 +41,9 @@ from jaxscaleseg.labels import IGNORE_INDEX
 SEARCH_MODES = ("exact", "approximate", "union", "certified", "auto")
 # ``search="auto"`` takes the approximate search from this many classes on; None: never (the
 # exact search everywhere). BENCHMARKS.md §7: the stride-4 union ("union") reaches recall@7
-# >= 0.98 on trained embeddings and is faster from 10 000 classes on, but the training-quality
-# comparison is still to run and embeddings without spatial structure defeat it.
+# >= 0.98 on a trained checkpoint's embeddings and is faster at 100 000 classes, but in training
+# runs at 10 000 and 100 000 classes its recall fell to ~0.72 within 300 steps (§7.5), and
+# embeddings without spatial structure defeat it.
 AUTO_APPROXIMATE_MIN_CLASSES: int | None = None
 DEFAULT_PROBES = 8
 _POWER_ITERATIONS = 8
