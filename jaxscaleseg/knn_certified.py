@@ -35,13 +35,6 @@ _FALLBACK_CHUNK = 512
 # Float32 scores carry rounding of about D·2⁻²³ of their magnitude (a dot product of D terms);
 # bounds keep 8× that as a margin, so that a rounding never certifies a wrong answer.
 _ROUNDING_MARGIN = 8 * 2.0**-23
-_HIGHEST = lax.Precision.HIGHEST
-
-
-def _scores(queries: jax.Array, rows: jax.Array) -> jax.Array:
-    """float32 ``[..., J]``: ``score_q(e)`` of queries ``[..., D]`` against rows ``[..., J, D]``."""
-    dots = jnp.einsum("...d,...jd->...j", queries, rows, precision=_HIGHEST)
-    return jnp.sum(rows * rows, -1) - 2.0 * dots
 
 
 def search_uncertified(
@@ -131,16 +124,10 @@ def certified_assign(
     budget = knn.resolve_block_bytes(max_block_bytes)
     classes = lax.stop_gradient(jnp.asarray(class_emb, jnp.float32))
     queries = lax.stop_gradient(jnp.asarray(features, jnp.float32))
-    shape = (batch, -(-height // 4), -(-width // 4), dim)
-    points = knn.unit_rows(jax.image.resize(queries, shape, "bilinear", antialias=False))
-    point_ids = knn.nearest_class_ids(
-        points,
-        classes,
-        candidates,
-        max_block_bytes=budget,
-        method=knn_union.list_method(candidates),
+    points = knn_union.coarse_grid(queries)
+    point_ids, kth = knn_union.exact_source_lists(
+        points, classes, candidates, normalize_classes=False, max_block_bytes=budget
     )
-    kth = _scores(points, classes[point_ids[..., -1:]])[..., 0]
     # Each pixel's distance to the blend of its grid points loosens its bound.
     blend = jax.image.resize(points, queries.shape, "bilinear", antialias=False)
     radius = jnp.sqrt(jnp.max(jnp.sum(classes * classes, -1)))

@@ -104,23 +104,61 @@ def list_method(k: int) -> str:
     return "tile_minima" if jax.default_backend() == "cpu" else "top_k"
 
 
+def coarse_grid(features: jax.Array) -> jax.Array:
+    """float32 ``[B, ceil(H/4), ceil(W/4), D]``: features ``[B, H, W, D]`` resized bilinearly
+    (half-pixel centres) to a ×4 coarser grid and renormalised — nearly the model's stride-4
+    map when they come from one whole-image pass (the inference assignments' sources)."""
+    batch, height, width, dim = features.shape
+    shape = (batch, -(-height // 4), -(-width // 4), dim)
+    coarse = jax.image.resize(
+        jnp.asarray(features, jnp.float32), shape, "bilinear", antialias=False
+    )
+    return knn.unit_rows(coarse)
+
+
+def exact_source_lists(
+    sources: jax.Array,
+    classes: jax.Array,
+    candidates: int,
+    *,
+    normalize_classes: bool,
+    max_block_bytes: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Each source's exact K' nearest classes and the K'-th one's score.
+
+    Args:
+      sources: float32 ``[..., D]``.
+      classes: float32 ``[C, D]``.
+      candidates: K'.
+      normalize_classes: search against the unit-length rows of ``classes``.
+      max_block_bytes: the search's block budget (bytes).
+
+    Returns:
+      ``(ids, bound)``: int32 ``[..., K']`` nearest first, and float32 ``[...]`` the K'-th
+      one's ranking score ``‖e‖² − 2 s·e`` (the union certificate's bound).
+    """
+    ids = knn.nearest_class_ids(
+        sources,
+        classes,
+        candidates,
+        max_block_bytes=max_block_bytes,
+        normalize_classes=normalize_classes,
+        method=list_method(candidates),
+    )
+    last = classes[ids[..., -1]]
+    if normalize_classes:
+        last = knn.unit_rows(last)
+    bound = jnp.sum(last * last, -1) - 2.0 * jnp.sum(last * sources, -1)
+    return ids, bound
+
+
 def _source_search(sources, classes, candidates, normalize, budget, index, probes):
     """ids int32 ``[B, h, w, K']`` of each source's nearest classes and, for an exact search,
     float32 ``[B, h, w]`` the K'-th one's score (the certificate's bound); None otherwise."""
     if index is None:
-        ids = knn.nearest_class_ids(
-            sources,
-            classes,
-            candidates,
-            max_block_bytes=budget,
-            normalize_classes=normalize,
-            method=list_method(candidates),
+        return exact_source_lists(
+            sources, classes, candidates, normalize_classes=normalize, max_block_bytes=budget
         )
-        last = classes[ids[..., -1]]
-        if normalize:
-            last = knn.unit_rows(last)
-        bound = jnp.sum(last * last, -1) - 2.0 * jnp.sum(last * sources, -1)
-        return ids, bound
     ids = knn_index.approximate_nearest_class_ids(
         sources,
         classes,
@@ -426,14 +464,9 @@ def approximate_assign(
     """
     if features.ndim != 4:
         raise ValueError(f"the approximate assignment takes [B, H, W, D], got {features.shape}")
-    batch, height, width, dim = features.shape
-    shape = (batch, -(-height // 4), -(-width // 4), dim)
-    coarse = jax.image.resize(
-        jnp.asarray(features, jnp.float32), shape, "bilinear", antialias=False
-    )
     ids, _ = union_nearest_class_ids(
         features,
-        knn.unit_rows(coarse),
+        coarse_grid(features),
         class_emb,
         1,
         candidates=min(int(candidates), class_emb.shape[0]),
