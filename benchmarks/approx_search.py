@@ -162,6 +162,20 @@ def trained_queries(workdir: str, examples: int, mosaic: tuple[int, int] | None 
     )
 
 
+def smoothness(queries: Queries) -> dict[str, float]:
+    """How alike neighbouring stride-4 embeddings are: the mean length of the full-resolution
+    pixel embeddings (their bilinear blends; 1 where the sources agree) and the mean cosine of
+    horizontally and vertically adjacent stride-4 embeddings (negative where a network has
+    turned them apart, the worst case of the union search; BENCHMARKS §7.5)."""
+    coarse = np.asarray(queries.coarse, np.float64)
+    across = (coarse[:, :, 1:] * coarse[:, :, :-1]).sum(-1)
+    down = (coarse[:, 1:] * coarse[:, :-1]).sum(-1)
+    return {
+        "pixel_norm": float(np.linalg.norm(np.asarray(queries.pixels, np.float64), axis=-1).mean()),
+        "neighbour_cosine": float(np.concatenate([across.ravel(), down.ravel()]).mean()),
+    }
+
+
 def _tile(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
     """``[rows·cols, h, w, ...]`` → ``[1, rows·h, cols·w, ...]``, row by row."""
     n, h, w = images.shape[:3]
@@ -353,6 +367,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
         f"# {platform.processor() or platform.machine()}, jax {jax.__version__}, "
         f"{jax.default_backend()}; {what}, k={preset.num_neighbors}, median of {preset.repeats}"
     )
+    if trained:
+        alike = smoothness(trained)
+        print(
+            f"# full-resolution pixel norm {alike['pixel_norm']:.3f}, adjacent stride-4"
+            f" cosine {alike['neighbour_cosine']:.3f}"
+        )
     print(
         "| queries | C | method | probes/K' | recall@k | certified | ESS rel. error | exact s"
         " | approx s | build s |"

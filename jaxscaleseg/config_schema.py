@@ -68,7 +68,10 @@ Sections:
   pixel), ``index_refresh_every`` (steps between rebuilds of the checkpointed index),
   ``search_candidates`` (K', classes searched per stride-4 source by ``union`` and
   ``certified``) and ``search_quality_sample`` (pixels on which an approximate search's
-  recall and loss error are measured every step; 0: off).
+  recall and loss error are measured every step; 0: off), ``normalize_pixels`` (the ESS loss
+  reads the full-resolution pixel embeddings scaled to unit length; off, as in the paper, the
+  loss reads the bilinear blends of unit stride-4 embeddings, which a network can shorten by
+  making neighbouring stride-4 embeddings point apart, see ``steps.loss_outputs``).
 * ``optim``: see :func:`jaxscaleseg.optim.make_optimizer`.
 """
 
@@ -168,6 +171,8 @@ def _loss_defaults() -> ml_collections.ConfigDict:
     # Approximate searches: recall@k and ESS relative error on this many pixels every step
     # (logged as search_recall, search_ess_rel_error); 0: not measured.
     loss.search_quality_sample = 1024
+    # The ESS loss on unit-length full-resolution pixel embeddings (off: the paper's blends).
+    loss.normalize_pixels = False
     return loss
 
 

@@ -36,7 +36,7 @@ from jaxscaleseg import (
     optim,
 )
 from jaxscaleseg.errors import ConfigError, ModelMismatchError
-from jaxscaleseg.models import build_model, first_shape_difference
+from jaxscaleseg.models import build_model, first_shape_difference, l2_normalize
 
 DATA_AXIS = "data"
 
@@ -86,6 +86,8 @@ class LossSpec:
       search_probes: cells probed per pixel by the approximate search.
       index_refresh_every: the approximate search's index is rebuilt on the steps
         ``step % n == 0``.
+      normalize_pixels: the ESS loss reads the full-resolution pixel embeddings scaled to
+        unit length (``loss_outputs``).
     """
 
     name: str = "ess"
@@ -104,6 +106,7 @@ class LossSpec:
     index_refresh_every: int = 10
     search_candidates: int = knn_union.DEFAULT_CANDIDATES
     search_quality_sample: int = 1024
+    normalize_pixels: bool = False
 
     def approximate(self, num_classes: int) -> bool:
         """The ESS negatives come from the approximate search (``knn_index``)."""
@@ -138,6 +141,7 @@ class LossSpec:
             index_refresh_every=int(config.index_refresh_every),
             search_candidates=int(config.search_candidates),
             search_quality_sample=int(config.search_quality_sample),
+            normalize_pixels=bool(config.get("normalize_pixels", False)),
         )
 
 
@@ -188,6 +192,24 @@ def compute_loss(
         separation_ids=separation_ids,
         neighbor_ids=neighbor_ids,
     )
+
+
+def loss_outputs(outputs: Mapping[str, jax.Array], spec: LossSpec) -> Mapping[str, jax.Array]:
+    """The model outputs the loss reads: ``outputs`` itself, or with ``spec.normalize_pixels``
+    (ESS) a copy whose ``pixel_embedding`` ``[B, H, W, D]`` float32 is scaled to unit length.
+
+    The model L2-normalises at stride 4 and upsamples bilinearly, so a full-resolution
+    embedding is a blend that is shorter than 1 where its stride-4 sources disagree; a short
+    pixel is about equally far from every class, which moves the ESS loss towards
+    ``log(k + 1)`` whatever its label. A network that cannot yet reach its targets can lower
+    the loss that way, by making neighbouring stride-4 embeddings point apart (the logged
+    ``pixel_norm`` falls); unit-length pixels remove that way out. The nearest-class searches
+    keep the raw blends: against unit class rows a positive scale leaves each pixel's ranking
+    of the classes (by ``p · c``) unchanged.
+    """
+    if spec.name != "ess" or not spec.normalize_pixels:
+        return outputs
+    return {**outputs, "pixel_embedding": l2_normalize(outputs["pixel_embedding"])}
 
 
 def _refreshed_separation_ids(state: TrainState, spec: LossSpec) -> jax.Array | None:
@@ -306,8 +328,9 @@ def train_step(
         neighbor_ids, certified = _approximate_neighbors(
             outputs, params, batch["label"], class_index, spec
         )
+        read = loss_outputs(outputs, spec)
         loss, parts = compute_loss(
-            outputs,
+            read,
             batch["label"],
             spec,
             class_table=params.get("class_embedding"),
@@ -316,7 +339,7 @@ def train_step(
         )
         if neighbor_ids is not None and spec.search_quality_sample > 0:
             quality = knn_index.sampled_quality(
-                outputs["pixel_embedding"],
+                read["pixel_embedding"],
                 batch["label"],
                 params["class_embedding"],
                 neighbor_ids,
@@ -332,6 +355,9 @@ def train_step(
             }
         if certified is not None:
             parts = {**parts, "search_certified": certified}
+        if "pixel_embedding" in outputs:
+            norms = jnp.linalg.norm(outputs["pixel_embedding"], axis=-1)
+            parts = {**parts, "pixel_norm": jnp.mean(norms)}
         return loss, (parts, updates["batch_stats"])
 
     (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -550,6 +576,7 @@ __all__ = [
     "abstract_train_state",
     "carried_state",
     "compute_loss",
+    "loss_outputs",
     "check_variable_shapes",
     "create_train_state",
     "eval_step",

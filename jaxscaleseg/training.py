@@ -232,6 +232,27 @@ class Window:
         return out
 
 
+# Below this mean length of the full-resolution pixel embeddings (blends of unit stride-4
+# embeddings) the run is warned once: the trained demo's are ~0.98, runs whose neighbouring
+# stride-4 embeddings had turned apart measured 0.44-0.61 (BENCHMARKS §7.5).
+SHORT_PIXEL_NORM = 0.8
+
+
+def short_pixels_warning(step: int, scalars: dict[str, float], config) -> str | None:
+    """A warning when a log window's mean pixel-embedding length (``train_pixel_norm``) is
+    below ``SHORT_PIXEL_NORM`` while the loss reads the raw blends; else None."""
+    norm = scalars.get("train_pixel_norm")
+    if norm is None or norm >= SHORT_PIXEL_NORM or config.loss.get("normalize_pixels", False):
+        return None
+    return (
+        f"step {step}: the full-resolution pixel embeddings average length {norm:.2f}"
+        f" (< {SHORT_PIXEL_NORM}): neighbouring stride-4 embeddings point apart, which pulls"
+        " every distance towards 1 and the ESS loss towards log(k+1) whatever the label; consider"
+        " --config.loss.normalize_pixels=True, and model.imprint_batches large enough to imprint"
+        " every class of the training set"
+    )
+
+
 def run_eval(run: Run, state: TrainState, step: int, writer: logs.MetricWriter) -> dict:
     """Evaluates, logs, and saves the best checkpoint when mIoU improved."""
     t0 = time.perf_counter()
@@ -270,7 +291,7 @@ def train_loop(run: Run, state: TrainState, writer: logs.MetricWriter, progress)
     c = run.config
     last = c.num_train_steps
     schedules = optim.schedules(c.optim, last)
-    window, pending, summary = Window(), None, {}
+    window, pending, summary, warned = Window(), None, {}, False
     step = run.start_step
     batch = _next_batch(run) if step < last else None
     for step in range(run.start_step + 1, last + 1):
@@ -288,7 +309,12 @@ def train_loop(run: Run, state: TrainState, writer: logs.MetricWriter, progress)
             progress.update(step, window.add(*pending, run.workdir))
             pending = None
         if logging:
-            writer.write(step, window.scalars(step, schedules))
+            scalars = window.scalars(step, schedules)
+            writer.write(step, scalars)
+            warning = None if warned else short_pixels_warning(step, scalars, c)
+            if warning and run.is_main:
+                _warn(warning)
+                warned = True
         if evaluating:
             summary = run_eval(run, state, step, writer)
         if saving:
@@ -370,6 +396,7 @@ __all__ = [
     "evaluate",
     "recorded_eval",
     "setup",
+    "short_pixels_warning",
     "train_and_evaluate",
     "train_loop",
 ]

@@ -3,6 +3,7 @@
 import csv
 import math
 
+import numpy as np
 import pytest
 
 from benchmarks import scaling
@@ -151,6 +152,25 @@ def test_approx_search_benchmark_reports_recall_and_times():
     union_rows = [r for r in rows if r["method"] == "union"]
     assert all(0.0 < r["recall"] <= 1.0 and 0.0 <= r["certified"] <= 1.0 for r in union_rows)
     assert all(r["exact_s"] > 0 and r["approx_s"] > 0 for r in rows)
+
+
+def test_smoothness_tells_alike_neighbours_from_opposed_ones():
+    """A constant stride-4 field has unit blends and cosine 1; a checkerboard of opposite
+    vectors has cosine -1 and short blends."""
+    from benchmarks import approx_search
+
+    rng = np.random.default_rng(5)
+    direction = approx_search._unit(rng.normal(size=(1, 1, 1, 6)))
+    constant = np.broadcast_to(direction, (1, 4, 4, 6)).astype(np.float32)
+    signs = np.where(np.add.outer(np.arange(4), np.arange(4)) % 2 == 0, 1.0, -1.0)
+    board = (constant * signs[None, :, :, None]).astype(np.float32)
+    for coarse, cosine, short in ((constant, 1.0, False), (board, -1.0, True)):
+        queries = approx_search.Queries(
+            approx_search._upsample(coarse, 4), coarse, None, coarse[0, 0]
+        )
+        alike = approx_search.smoothness(queries)
+        assert alike["neighbour_cosine"] == pytest.approx(cosine, abs=1e-6)
+        assert (alike["pixel_norm"] < 0.7) == short and alike["pixel_norm"] <= 1.0 + 1e-6
 
 
 # What the lent GPU machine's image lacks and no wheel brings (BENCHMARKS §2, "GPU check").

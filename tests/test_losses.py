@@ -469,3 +469,48 @@ def test_unknown_table_gradient_is_named():
         losses.ess_objective(
             pixels, np.zeros(8, np.int32), classes, num_neighbors=2, table_gradient="atomic"
         )
+
+
+def test_unit_length_pixels_in_the_loss():
+    """``loss.normalize_pixels``: the step's loss reads the pixels scaled to unit length, its
+    value and its gradient through the scaling as the float64 reference; off, the raw blends."""
+    from jaxscaleseg import steps
+
+    pixels, unit, rng = random_embeddings(31, 240, 60, 8)
+    pixels = pixels.reshape(2, 12, 10, 8)
+    labels = rng.integers(-1, 60, (2, 12, 10)).astype(np.int32)
+    k, temperature = 5, 20.0
+
+    def loss_of(normalize):
+        spec = steps.LossSpec(
+            num_neighbors=k,
+            temperature=temperature,
+            separation_weight=0.0,
+            search="exact",
+            normalize_pixels=normalize,
+        )
+
+        def fn(p):
+            read = steps.loss_outputs({"pixel_embedding": p, "class_embedding": unit}, spec)
+            return steps.compute_loss(read, jnp.asarray(labels), spec)[0]
+
+        return jax.jit(jax.value_and_grad(fn))(jnp.asarray(pixels))
+
+    flat = np.asarray(pixels, np.float64).reshape(-1, 8)
+    norms = np.linalg.norm(flat, axis=-1, keepdims=True)
+    direction = flat / norms
+    ref, grad_direction, _ = reference.ess_loss_and_grads(
+        direction, labels.reshape(-1), unit, k, temperature
+    )
+    # d/dp of p/|p| applied to g: (g - u (u·g)) / |p|.
+    along = (direction * grad_direction).sum(-1, keepdims=True)
+    ref_grad = ((grad_direction - direction * along) / norms).reshape(pixels.shape)
+    value, grad = loss_of(True)
+    # float32 distances and softmax against float64: relative 1e-5 allows any CPU's rounding.
+    np.testing.assert_allclose(float(value), ref, rtol=1e-5)
+    scale = np.abs(ref_grad).max()
+    np.testing.assert_allclose(np.asarray(grad), ref_grad, rtol=1e-4, atol=1e-5 * scale)
+    raw, _ = loss_of(False)
+    raw_ref = reference.ess_loss_and_grads(flat, labels.reshape(-1), unit, k, temperature)[0]
+    np.testing.assert_allclose(float(raw), raw_ref, rtol=1e-5)
+    assert abs(raw_ref - ref) > 0.01 * ref  # the two losses differ on these short pixels

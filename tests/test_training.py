@@ -112,6 +112,9 @@ def test_train_step_updates_params_and_batch_stats(loss):
     assert int(state.step) == 1
     assert all(math.isfinite(float(v)) for v in out.values())
     assert float(out["grad_norm"]) > 0
+    # The mean length of the full-resolution pixel embeddings (blends of unit vectors).
+    assert ("pixel_norm" in out) == (loss == "ess")
+    assert loss != "ess" or 0.0 < float(out["pixel_norm"]) <= 1.0 + 1e-6
     changed = jax.tree.map(lambda a, b: not np.allclose(a, b), before[1], state.batch_stats)
     assert any(jax.tree.leaves(changed))
     counts = jax.jit(steps.eval_step, static_argnames="num_classes")(
@@ -120,6 +123,18 @@ def test_train_step_updates_params_and_batch_stats(loss):
         num_classes=config.dataset.num_classes,
     )
     assert int(counts.labelled.sum()) == int((batch["label"] >= 0).sum())
+
+
+def test_short_pixel_embeddings_are_warned_about():
+    """A log window whose pixel embeddings average under 0.8 in length names the value and
+    the setting that removes the cause; unit-length pixels in the loss, or long ones, do not."""
+    config = tiny_config()
+    message = training.short_pixels_warning(300, {"train_pixel_norm": 0.58}, config)
+    assert "step 300" in message and "0.58" in message and "loss.normalize_pixels" in message
+    assert training.short_pixels_warning(300, {"train_pixel_norm": 0.97}, config) is None
+    assert training.short_pixels_warning(300, {"train_loss": 1.0}, config) is None
+    unit = tiny_config(**{"loss.normalize_pixels": True})
+    assert training.short_pixels_warning(300, {"train_pixel_norm": 0.58}, unit) is None
 
 
 def test_embedding_step_output_stays_at_dimension_d():
