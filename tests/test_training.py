@@ -125,6 +125,15 @@ def test_train_step_updates_params_and_batch_stats(loss):
     assert int(counts.labelled.sum()) == int((batch["label"] >= 0).sum())
 
 
+def test_mean_pixel_norm_samples_one_pixel_per_cell():
+    """``pixel_norm``: the mean length over every fourth row and column (float64 reference)."""
+    pixels = np.random.default_rng(8).normal(size=(2, 9, 13, 5)).astype(np.float32)
+    expected = np.linalg.norm(pixels[:, ::4, ::4].astype(np.float64), axis=-1).mean()
+    got = float(jax.jit(steps.mean_pixel_norm)(jnp.asarray(pixels)))
+    assert got == pytest.approx(expected, rel=1e-5)  # float32 sums of 5 squares, 18 lengths
+    assert got != pytest.approx(np.linalg.norm(pixels, axis=-1).mean(), rel=1e-3)
+
+
 def test_short_pixel_embeddings_are_warned_about():
     """A log window whose pixel embeddings average under 0.8 in length names the value and
     the setting that removes the cause; unit-length pixels in the loss, or long ones, do not."""
