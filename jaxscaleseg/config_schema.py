@@ -63,15 +63,16 @@ Sections:
   ``separation_refresh_every`` (n: the separation term's nearest-other-class ids are searched
   exactly on the steps ``step % n == 0`` and carried in the checkpointed train state between;
   1, the default, searches every step as before), ``search`` (``exact``, ``approximate``,
-  ``union``, ``certified`` or ``auto``: the pixels' nearest-class search; ``auto`` is exact until
-  ``knn_index.AUTO_APPROXIMATE_MIN_CLASSES`` is measured), ``search_probes`` (cells probed per
+  ``union``, ``certified`` or ``auto``: the pixels' nearest-class search; ``auto`` is the union
+  from ``knn_index.AUTO_UNION_MIN_CLASSES`` (10 000) classes on when ``normalize_pixels``,
+  exact otherwise), ``search_probes`` (cells probed per
   pixel), ``index_refresh_every`` (steps between rebuilds of the checkpointed index),
   ``search_candidates`` (K', classes searched per stride-4 source by ``union`` and
   ``certified``) and ``search_quality_sample`` (pixels on which an approximate search's
   recall and loss error are measured every step; 0: off), ``normalize_pixels`` (the ESS loss
   reads the full-resolution pixel embeddings scaled to unit length; off, as in the paper, the
   loss reads the bilinear blends of unit stride-4 embeddings, which a network can shorten by
-  making neighbouring stride-4 embeddings point apart, see ``steps.loss_outputs``).
+  making neighbouring stride-4 embeddings point apart, see ``jaxscaleseg.pixel_length``).
 * ``optim``: see :func:`jaxscaleseg.optim.make_optimizer`.
 """
 
@@ -162,7 +163,8 @@ def _loss_defaults() -> ml_collections.ConfigDict:
     loss.separation_refresh_every = 1
     # The pixels' nearest-class search: "exact", "approximate" (knn_index), "union"
     # (knn_union), "certified" (knn_certified: the union, exact by an exact pass where its
-    # certificate fails) or "auto" (exact while knn_index.AUTO_APPROXIMATE_MIN_CLASSES is None).
+    # certificate fails) or "auto" (the union from knn_index.AUTO_UNION_MIN_CLASSES classes on
+    # with loss.normalize_pixels, else exact).
     loss.search = "auto"
     loss.search_probes = 8
     loss.index_refresh_every = 10
@@ -406,19 +408,31 @@ def _validate_loss(loss: ml_collections.ConfigDict, num_classes: int) -> None:
     sample = loss.search_quality_sample
     if isinstance(sample, bool) or not isinstance(sample, int) or sample < 0:
         raise ConfigError(f"loss.search_quality_sample must be an int >= 0, got {sample!r}")
-    if knn_index.resolve_search(loss.search, num_classes) == "approximate":
+    search = knn_index.resolve_search(loss.search, num_classes, loss.get("normalize_pixels", False))
+    if search == "approximate":
         cells, _ = knn_index.index_shape(num_classes)
         if loss.search_probes > cells:
             raise ConfigError(
                 f"loss.search_probes={loss.search_probes} exceeds the index's {cells} cells"
                 f" at num_classes={num_classes}"
             )
-    if loss.search in ("union", "certified") and not (
-        loss.num_neighbors < loss.search_candidates <= num_classes
-        and loss.negatives == "nearest_other"
+    if (
+        loss.name == "ess"
+        and search in ("union", "certified")
+        and not (
+            loss.num_neighbors < loss.search_candidates <= num_classes
+            and loss.negatives == "nearest_other"
+        )
     ):
+        chosen = (
+            f"loss.search={loss.search!r}"
+            if loss.search == search
+            else f"loss.search='auto' (the union with loss.normalize_pixels from "
+            f"{knn_index.AUTO_UNION_MIN_CLASSES} classes; set loss.search='exact' to keep the "
+            f"exact search)"
+        )
         raise ConfigError(
-            f"loss.search={loss.search!r} takes loss.num_neighbors < loss.search_candidates <= "
+            f"{chosen} takes loss.num_neighbors < loss.search_candidates <= "
             f"num_classes and loss.negatives='nearest_other', got search_candidates="
             f"{loss.search_candidates}, num_neighbors={loss.num_neighbors}, num_classes="
             f"{num_classes}, negatives={loss.negatives!r}"

@@ -39,12 +39,17 @@ from jaxscaleseg.labels import IGNORE_INDEX
 # "union": the stride-4 union search of ``knn_union`` (not through this index); "certified":
 # the union where its certificate holds and the exact search elsewhere (``knn_certified``).
 SEARCH_MODES = ("exact", "approximate", "union", "certified", "auto")
-# ``search="auto"`` takes the approximate search from this many classes on; None: never (the
-# exact search everywhere). BENCHMARKS.md §7: the stride-4 union ("union") reaches recall@7
-# >= 0.98 on a trained checkpoint's embeddings and is faster at 100 000 classes, but in training
-# runs at 10 000 and 100 000 classes its recall fell to ~0.72 within 300 steps (§7.5), and
-# embeddings without spatial structure defeat it.
+# ``search="auto"`` takes the approximate search (this index) from this many classes on; None:
+# never. BENCHMARKS.md §7: through the index alone recall@7 is 0.84-0.93 at 8 probes.
 AUTO_APPROXIMATE_MIN_CLASSES: int | None = None
+# ``search="auto"`` takes the stride-4 union (``knn_union``) from this many classes on when the
+# loss reads unit-length pixels (``loss.normalize_pixels``), the exact search otherwise.
+# BENCHMARKS.md: the CPU step with the union is faster than the exact one from 1 284 classes on
+# (§2: 1.62 vs 1.73 s at 1 284, 1.72 vs 1.91 s at 10 000, 2.88 vs 18.0 s at 100 000), and with
+# unit-length pixels its logged recall@7 stayed >= 0.989 in training at 10 000 and 100 000
+# classes (§7.5); without them the network can turn neighbouring embeddings apart and the
+# recall fell to ~0.72. Below 10 000 classes the exact search costs little more, so it stays.
+AUTO_UNION_MIN_CLASSES = 10_000
 DEFAULT_PROBES = 8
 _POWER_ITERATIONS = 8
 # Centre of a cell with no class (only padding): never among the nearest cells.
@@ -64,18 +69,22 @@ class ClassIndex(NamedTuple):
     members: jax.Array
 
 
-def resolve_search(search: str, num_classes: int) -> str:
-    """``"exact"``, ``"approximate"``, ``"union"`` or ``"certified"``: ``"auto"`` is
-    approximate from ``AUTO_APPROXIMATE_MIN_CLASSES`` classes on (never while that is None).
+def resolve_search(search: str, num_classes: int, unit_pixels: bool = False) -> str:
+    """``"exact"``, ``"approximate"``, ``"union"`` or ``"certified"``: ``"auto"`` is the union
+    from ``AUTO_UNION_MIN_CLASSES`` classes on when ``unit_pixels``, the approximate search
+    from ``AUTO_APPROXIMATE_MIN_CLASSES`` on (never while that is None), else exact.
 
     Args:
       search: one of ``SEARCH_MODES``.
       num_classes: C.
+      unit_pixels: the loss reads unit-length pixels (``loss.normalize_pixels``).
     """
     if search not in SEARCH_MODES:
         raise ValueError(f"loss.search={search!r}; expected one of {SEARCH_MODES}")
     if search != "auto":
         return search
+    if unit_pixels and num_classes >= AUTO_UNION_MIN_CLASSES:
+        return "union"
     threshold = AUTO_APPROXIMATE_MIN_CLASSES
     return "approximate" if threshold is not None and num_classes >= threshold else "exact"
 

@@ -34,9 +34,10 @@ from jaxscaleseg import (
     metrics,
     nearest_other,
     optim,
+    pixel_length,
 )
 from jaxscaleseg.errors import ConfigError, ModelMismatchError
-from jaxscaleseg.models import build_model, first_shape_difference, l2_normalize
+from jaxscaleseg.models import build_model, first_shape_difference
 
 DATA_AXIS = "data"
 
@@ -87,7 +88,7 @@ class LossSpec:
       index_refresh_every: the approximate search's index is rebuilt on the steps
         ``step % n == 0``.
       normalize_pixels: the ESS loss reads the full-resolution pixel embeddings scaled to
-        unit length (``loss_outputs``).
+        unit length (``pixel_length.loss_outputs``).
     """
 
     name: str = "ess"
@@ -110,9 +111,13 @@ class LossSpec:
 
     def approximate(self, num_classes: int) -> bool:
         """The ESS negatives come from the approximate search (``knn_index``)."""
-        return self.name == "ess" and knn_index.resolve_search(self.search, num_classes) == (
-            "approximate"
-        )
+        return self.resolved_search(num_classes) == "approximate"
+
+    def resolved_search(self, num_classes: int) -> str:
+        """The pixels' search at C = ``num_classes`` (``"exact"`` for the softmax loss)."""
+        if self.name != "ess":
+            return "exact"
+        return knn_index.resolve_search(self.search, num_classes, self.normalize_pixels)
 
     @property
     def carries_separation_ids(self) -> bool:
@@ -194,32 +199,6 @@ def compute_loss(
     )
 
 
-def loss_outputs(outputs: Mapping[str, jax.Array], spec: LossSpec) -> Mapping[str, jax.Array]:
-    """The model outputs the loss reads: ``outputs`` itself, or with ``spec.normalize_pixels``
-    (ESS) a copy whose ``pixel_embedding`` ``[B, H, W, D]`` float32 is scaled to unit length.
-
-    The model L2-normalises at stride 4 and upsamples bilinearly, so a full-resolution
-    embedding is a blend that is shorter than 1 where its stride-4 sources disagree; a short
-    pixel is about equally far from every class, which moves the ESS loss towards
-    ``log(k + 1)`` whatever its label. A network that cannot yet reach its targets can lower
-    the loss that way, by making neighbouring stride-4 embeddings point apart (the logged
-    ``pixel_norm`` falls); unit-length pixels remove that way out. The nearest-class searches
-    keep the raw blends: against unit class rows a positive scale leaves each pixel's ranking
-    of the classes (by ``p · c``) unchanged.
-    """
-    if spec.name != "ess" or not spec.normalize_pixels:
-        return outputs
-    return {**outputs, "pixel_embedding": l2_normalize(outputs["pixel_embedding"])}
-
-
-def mean_pixel_norm(pixels: jax.Array) -> jax.Array:
-    """float32 scalar: the mean length of ``pixels`` ``[B, H, W, D]`` on every fourth row and
-    column (one pixel per 4×4 cell: a sixteenth of the reads, and no full-size temporary at the
-    step's peak)."""
-    sample = jax.lax.stop_gradient(pixels[:, ::4, ::4]).astype(jnp.float32)
-    return jnp.mean(jnp.sqrt(jnp.sum(sample * sample, axis=-1)))
-
-
 def _refreshed_separation_ids(state: TrainState, spec: LossSpec) -> jax.Array | None:
     """The separation ids this step uses (refreshed every ``separation_refresh_every`` steps),
     or None when the state carries none."""
@@ -277,8 +256,10 @@ def _approximate_neighbors(outputs, params, labels, class_index, spec: LossSpec)
             max_block_bytes=spec.max_block_bytes,
         )
         return ids, None
-    search = knn_index.resolve_search(spec.search, 2)
-    if spec.name != "ess" or search not in ("union", "certified"):
+    if spec.name != "ess":
+        return None, None
+    search = spec.resolved_search(params["class_embedding"].shape[0])
+    if search not in ("union", "certified"):
         return None, None
     ids, certified = knn_union.union_nearest_class_ids(
         outputs["pixel_embedding"],
@@ -336,7 +317,7 @@ def train_step(
         neighbor_ids, certified = _approximate_neighbors(
             outputs, params, batch["label"], class_index, spec
         )
-        read = loss_outputs(outputs, spec)
+        read = pixel_length.loss_outputs(outputs, spec.name == "ess" and spec.normalize_pixels)
         loss, parts = compute_loss(
             read,
             batch["label"],
@@ -364,7 +345,7 @@ def train_step(
         if certified is not None:
             parts = {**parts, "search_certified": certified}
         if "pixel_embedding" in outputs:
-            parts = {**parts, "pixel_norm": mean_pixel_norm(outputs["pixel_embedding"])}
+            parts = {**parts, "pixel_norm": pixel_length.mean_length(outputs["pixel_embedding"])}
         return loss, (parts, updates["batch_stats"])
 
     (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -583,7 +564,6 @@ __all__ = [
     "abstract_train_state",
     "carried_state",
     "compute_loss",
-    "loss_outputs",
     "check_variable_shapes",
     "create_train_state",
     "eval_step",

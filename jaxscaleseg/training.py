@@ -143,6 +143,13 @@ def setup(config: ml_collections.ConfigDict, workdir: Any) -> tuple[Run, TrainSt
     image_shape = (config.batch_size, *(int(v) for v in config.dataset.crop_size), 3)
     state = _initial_state(config, image_shape, replicated)
     spec = steps.LossSpec.from_config(config.loss)
+    search = spec.resolved_search(config.dataset.num_classes)
+    if is_main and spec.search == "auto" and search != "exact":
+        print(
+            f"loss.search 'auto': the {search} search at {config.dataset.num_classes} classes"
+            " (its recall@k against the exact search is logged as search_recall)",
+            flush=True,
+        )
     run = Run(
         config=config,
         workdir=workdir,

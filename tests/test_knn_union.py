@@ -213,3 +213,32 @@ def test_train_step_with_the_union_search():
     assert 0.0 <= float(certified["certified"]) <= 1.0 and certified["few"] is None
     with pytest.raises(ConfigError, match="search='union'.*search_candidates=5"):
         config_schema.validate(tiny_config(**{"loss.search": "union", "loss.search_candidates": 5}))
+
+
+def test_auto_search_takes_the_union_with_unit_pixels(monkeypatch):
+    """``loss.search = "auto"`` with ``loss.normalize_pixels``: the union (its recall logged)
+    from ``AUTO_UNION_MIN_CLASSES`` classes on, the exact search below; a setting the union
+    cannot take is named together with "auto"."""
+    from test_training import _state_and_batch, tiny_config
+
+    from jaxscaleseg import config_schema, knn_index, steps
+    from jaxscaleseg.errors import ConfigError
+
+    config = tiny_config(**{"loss.normalize_pixels": True, "loss.search_candidates": 8})
+    state, batch = _state_and_batch(config)
+    logged = {}
+    for threshold in (30, 31):  # the tiny config has 30 classes
+        monkeypatch.setattr(knn_index, "AUTO_UNION_MIN_CLASSES", threshold)
+        config_schema.validate(config)
+        spec = steps.LossSpec.from_config(config.loss)
+        assert spec.resolved_search(30) == ("union" if threshold == 30 else "exact")
+        # A fresh function each time: jit's cache would keep the first trace for this spec.
+        step = jax.jit(lambda s, b, k, spec=spec: steps.train_step(s, b, k, spec=spec))
+        _, out = step(state, batch, jax.random.key(1))
+        logged[threshold] = "search_recall" in out
+    assert logged == {30: True, 31: False}
+    monkeypatch.setattr(knn_index, "AUTO_UNION_MIN_CLASSES", 30)
+    with pytest.raises(ConfigError, match="loss.search='auto'.*negatives='original'"):
+        config_schema.validate(
+            tiny_config(**{"loss.normalize_pixels": True, "loss.negatives": "original"})
+        )

@@ -474,7 +474,7 @@ def test_unknown_table_gradient_is_named():
 def test_unit_length_pixels_in_the_loss():
     """``loss.normalize_pixels``: the step's loss reads the pixels scaled to unit length, its
     value and its gradient through the scaling as the float64 reference; off, the raw blends."""
-    from jaxscaleseg import steps
+    from jaxscaleseg import pixel_length, steps
 
     pixels, unit, rng = random_embeddings(31, 240, 60, 8)
     pixels = pixels.reshape(2, 12, 10, 8)
@@ -491,7 +491,8 @@ def test_unit_length_pixels_in_the_loss():
         )
 
         def fn(p):
-            read = steps.loss_outputs({"pixel_embedding": p, "class_embedding": unit}, spec)
+            outputs = {"pixel_embedding": p, "class_embedding": unit}
+            read = pixel_length.loss_outputs(outputs, normalize)
             return steps.compute_loss(read, jnp.asarray(labels), spec)[0]
 
         return jax.jit(jax.value_and_grad(fn))(jnp.asarray(pixels))

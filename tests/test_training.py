@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxscaleseg import config_schema, errors, optim, steps, training, workdir
+from jaxscaleseg import config_schema, errors, optim, pixel_length, steps, training, workdir
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -129,7 +129,7 @@ def test_mean_pixel_norm_samples_one_pixel_per_cell():
     """``pixel_norm``: the mean length over every fourth row and column (float64 reference)."""
     pixels = np.random.default_rng(8).normal(size=(2, 9, 13, 5)).astype(np.float32)
     expected = np.linalg.norm(pixels[:, ::4, ::4].astype(np.float64), axis=-1).mean()
-    got = float(jax.jit(steps.mean_pixel_norm)(jnp.asarray(pixels)))
+    got = float(jax.jit(pixel_length.mean_length)(jnp.asarray(pixels)))
     assert got == pytest.approx(expected, rel=1e-5)  # float32 sums of 5 squares, 18 lengths
     assert got != pytest.approx(np.linalg.norm(pixels, axis=-1).mean(), rel=1e-3)
 
