@@ -308,6 +308,7 @@ def sampled_quality(
     ignore_index: int = IGNORE_INDEX,
     sample: int = 4096,
     max_block_bytes: int | str = knn.DEFAULT_MAX_BLOCK_BYTES,
+    normalize_pixels: bool = False,
 ) -> dict[str, jax.Array]:
     """Recall@k of given approximate negatives and the ESS loss's relative error, on a sample.
 
@@ -322,6 +323,7 @@ def sampled_quality(
       temperature: the ESS loss's T; normalize_classes, max_block_bytes: as in
         :func:`approximate_nearest_class_ids`.
       sample: at most this many pixels.
+      normalize_pixels: the ESS loss reads the pixels scaled to unit length.
 
     Returns:
       ``{"recall": recall@k over the sample's labelled pixels, "ess_relative_error":
@@ -357,6 +359,7 @@ def sampled_quality(
             ignore_index=ignore_index,
             max_block_bytes=max_block_bytes,
             neighbor_ids=neighbor_ids,
+            normalize_pixels=normalize_pixels,
         )[1]["ess"]
 
     exact_loss = ess(exact)

@@ -49,6 +49,7 @@ class _Terms:
     with_separation: bool
     table_gradient: str = "scatter"
     classes_per_block: int = 1
+    normalize_pixels: bool = False
 
 
 def _ess_chunk_coefficients(pixels, rows, valid, temperature, cotangent):
@@ -176,6 +177,7 @@ def _loss_sums_fwd(pixels, targets, neighbors, valid, nearest, classes, terms):
 
         def ess_step(total, xs):
             chunk_pixels, chunk_targets, chunk_neighbors, chunk_valid = xs
+            chunk_pixels, _ = class_rows.read_rows(chunk_pixels, terms.normalize_pixels)
             rows, _ = class_rows.read_rows(
                 classes[_candidates(chunk_targets, chunk_neighbors)], terms.normalize
             )
@@ -233,6 +235,7 @@ def _ess_backward(terms, pixels, targets, neighbors, valid, classes, cotangent, 
 
     def ess_step(grad, xs):
         chunk_pixels, chunk_targets, chunk_neighbors, chunk_valid = xs
+        chunk_pixels, scales = class_rows.read_rows(chunk_pixels, terms.normalize_pixels)
         chunk_candidates = _candidates(chunk_targets, chunk_neighbors)
         rows, inverse_norms = class_rows.read_rows(classes[chunk_candidates], terms.normalize)
         if terms.table_gradient == "matmul":
@@ -248,7 +251,7 @@ def _ess_backward(terms, pixels, targets, neighbors, valid, classes, cotangent, 
                 coefficients,
                 terms.classes_per_block,
             )
-            return grad, chunk_pixel_grad
+            return grad, class_rows.raw_row_gradient(chunk_pixels, scales, chunk_pixel_grad)
 
         def chunk_sum(chunk_pixels, rows):
             return _ess_chunk_sum(chunk_pixels, rows, chunk_valid, terms.temperature)
@@ -259,16 +262,18 @@ def _ess_backward(terms, pixels, targets, neighbors, valid, classes, cotangent, 
         grad = class_rows.add_rows(
             grad, chunk_candidates, rows_grad, terms.table_gradient == "sorted"
         )
-        return grad, chunk_pixel_grad
+        return grad, class_rows.raw_row_gradient(chunk_pixels, scales, chunk_pixel_grad)
 
     def coefficient_step(carry, xs):
         chunk_pixels, chunk_targets, chunk_neighbors, chunk_valid = xs
+        chunk_pixels, scales = class_rows.read_rows(chunk_pixels, terms.normalize_pixels)
         rows, _ = class_rows.read_rows(
             classes[_candidates(chunk_targets, chunk_neighbors)], terms.normalize
         )
         coefficients, chunk_pixel_grad = _ess_chunk_coefficients(
             chunk_pixels, rows, chunk_valid, terms.temperature, cotangent
         )
+        chunk_pixel_grad = class_rows.raw_row_gradient(chunk_pixels, scales, chunk_pixel_grad)
         return carry, (chunk_pixel_grad, coefficients)
 
     chunks = _pixel_chunks(pixels, targets, neighbors, valid, terms.pixels_per_chunk)
@@ -280,7 +285,7 @@ def _ess_backward(terms, pixels, targets, neighbors, valid, classes, cotangent, 
             table_grad,
             classes,
             terms.normalize,
-            pixels,
+            class_rows.read_rows(pixels, terms.normalize_pixels)[0],
             candidates,
             coefficients.reshape(candidates.shape),
             terms.pixels_per_chunk * candidates.shape[1],
@@ -341,6 +346,7 @@ def ess_objective(
     search_method: str = "auto",
     separation_ids: jax.Array | None = None,
     neighbor_ids: jax.Array | None = None,
+    normalize_pixels: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The training objective ``ess_loss + separation_weight · separation_loss`` in one pass.
 
@@ -380,6 +386,9 @@ def ess_objective(
       neighbor_ids: optional int ``[B, H, W, k]``, each pixel's k negatives found elsewhere
         (e.g. by ``knn_index.approximate_nearest_class_ids``, excluding the target); None: the
         exact search (``negatives`` then applies).
+      normalize_pixels: the ESS term reads each pixel scaled to unit length, chunk by chunk
+        (no scaled copy held; the gradient flows through the scaling). The negatives are the
+        same: a positive scale leaves a pixel's ranking of unit class rows unchanged.
 
     Returns:
       ``(total, {"ess": ..., "separation": ...})``, float32 scalars; ``separation`` is 0 when
@@ -432,6 +441,7 @@ def ess_objective(
         table_gradient=plan.table_gradient,
         # The matmul's [classes, pixels] float32 weights within the block budget.
         classes_per_block=max(1, plan.max_block_bytes // (4 * chunk)),
+        normalize_pixels=bool(normalize_pixels),
     )
     ess_sum, separation_sum = _loss_sums(pixels, targets, neighbors, valid, nearest, classes, terms)
     ess = ess_sum / jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)

@@ -88,7 +88,7 @@ class LossSpec:
       index_refresh_every: the approximate search's index is rebuilt on the steps
         ``step % n == 0``.
       normalize_pixels: the ESS loss reads the full-resolution pixel embeddings scaled to
-        unit length (``pixel_length.loss_outputs``).
+        unit length (``losses.ess_objective``; see ``pixel_length``).
     """
 
     name: str = "ess"
@@ -196,6 +196,7 @@ def compute_loss(
         negatives=spec.negatives,
         separation_ids=separation_ids,
         neighbor_ids=neighbor_ids,
+        normalize_pixels=spec.normalize_pixels,
     )
 
 
@@ -317,9 +318,8 @@ def train_step(
         neighbor_ids, certified = _approximate_neighbors(
             outputs, params, batch["label"], class_index, spec
         )
-        read = pixel_length.loss_outputs(outputs, spec.name == "ess" and spec.normalize_pixels)
         loss, parts = compute_loss(
-            read,
+            outputs,
             batch["label"],
             spec,
             class_table=params.get("class_embedding"),
@@ -328,7 +328,7 @@ def train_step(
         )
         if neighbor_ids is not None and spec.search_quality_sample > 0:
             quality = knn_index.sampled_quality(
-                read["pixel_embedding"],
+                outputs["pixel_embedding"],
                 batch["label"],
                 params["class_embedding"],
                 neighbor_ids,
@@ -336,6 +336,7 @@ def train_step(
                 normalize_classes=True,
                 sample=spec.search_quality_sample,
                 max_block_bytes=spec.max_block_bytes,
+                normalize_pixels=spec.normalize_pixels,
             )
             parts = {
                 **parts,

@@ -471,10 +471,12 @@ def test_unknown_table_gradient_is_named():
         )
 
 
-def test_unit_length_pixels_in_the_loss():
-    """``loss.normalize_pixels``: the step's loss reads the pixels scaled to unit length, its
-    value and its gradient through the scaling as the float64 reference; off, the raw blends."""
-    from jaxscaleseg import pixel_length, steps
+@pytest.mark.parametrize("table_gradient", ["scatter", "sorted", "matmul", "segment"])
+def test_unit_length_pixels_in_the_loss(table_gradient):
+    """``normalize_pixels``: the ESS term reads the pixels scaled to unit length, chunk by
+    chunk; value and gradients (through the scaling, and into the table) as the float64
+    reference on the unit pixels, with every table-gradient method; off, the raw pixels."""
+    from jaxscaleseg import steps
 
     pixels, unit, rng = random_embeddings(31, 240, 60, 8)
     pixels = pixels.reshape(2, 12, 10, 8)
@@ -482,36 +484,44 @@ def test_unit_length_pixels_in_the_loss():
     k, temperature = 5, 20.0
 
     def loss_of(normalize):
-        spec = steps.LossSpec(
-            num_neighbors=k,
-            temperature=temperature,
-            separation_weight=0.0,
-            search="exact",
-            normalize_pixels=normalize,
-        )
+        def fn(p, table):
+            return losses.ess_objective(
+                p,
+                jnp.asarray(labels),
+                table,
+                num_neighbors=k,
+                temperature=temperature,
+                separation_weight=0.0,
+                pixels_per_chunk=64,  # 240 pixels: 4 chunks, the last one padded
+                table_gradient=table_gradient,
+                normalize_pixels=normalize,
+            )[0]
 
-        def fn(p):
-            outputs = {"pixel_embedding": p, "class_embedding": unit}
-            read = pixel_length.loss_outputs(outputs, normalize)
-            return steps.compute_loss(read, jnp.asarray(labels), spec)[0]
-
-        return jax.jit(jax.value_and_grad(fn))(jnp.asarray(pixels))
+        return jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))(jnp.asarray(pixels), unit)
 
     flat = np.asarray(pixels, np.float64).reshape(-1, 8)
     norms = np.linalg.norm(flat, axis=-1, keepdims=True)
     direction = flat / norms
-    ref, grad_direction, _ = reference.ess_loss_and_grads(
+    ref, grad_direction, ref_table_grad = reference.ess_loss_and_grads(
         direction, labels.reshape(-1), unit, k, temperature
     )
     # d/dp of p/|p| applied to g: (g - u (u·g)) / |p|.
     along = (direction * grad_direction).sum(-1, keepdims=True)
     ref_grad = ((grad_direction - direction * along) / norms).reshape(pixels.shape)
-    value, grad = loss_of(True)
+    value, (grad, table_grad) = loss_of(True)
     # float32 distances and softmax against float64: relative 1e-5 allows any CPU's rounding.
     np.testing.assert_allclose(float(value), ref, rtol=1e-5)
-    scale = np.abs(ref_grad).max()
-    np.testing.assert_allclose(np.asarray(grad), ref_grad, rtol=1e-4, atol=1e-5 * scale)
+    for got, want in ((grad, ref_grad), (table_grad, ref_table_grad)):
+        scale = np.abs(want).max()
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5 * scale)
     raw, _ = loss_of(False)
     raw_ref = reference.ess_loss_and_grads(flat, labels.reshape(-1), unit, k, temperature)[0]
     np.testing.assert_allclose(float(raw), raw_ref, rtol=1e-5)
     assert abs(raw_ref - ref) > 0.01 * ref  # the two losses differ on these short pixels
+    # The training step's loss passes loss.normalize_pixels on.
+    spec = steps.LossSpec(
+        num_neighbors=k, temperature=temperature, separation_weight=0.0, normalize_pixels=True
+    )
+    outputs = {"pixel_embedding": jnp.asarray(pixels), "class_embedding": unit}
+    step_loss = steps.compute_loss(outputs, jnp.asarray(labels), spec)[0]
+    np.testing.assert_allclose(float(step_loss), ref, rtol=1e-5)
