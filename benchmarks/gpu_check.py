@@ -25,8 +25,8 @@ The pieces (``--preset full``: batch 8, 512×512, bfloat16, D = 12, k = 7):
 * ``step``: the whole ``training.train_step`` (model, loss, SGD update) for ESS and softmax,
   MobileNetV2 and ResNet-101 at output stride 16, C in {150, 1 284, 10 000, 100 000}, and at
   C = 1 284 the ESS step with each other selection of the preset (``loss.selection``), at the
-  largest C the stride-4 union search (``loss.search="union"``, issue 15's approximate mode):
-  compiled peak (arguments +
+  largest C the stride-4 union search (``loss.search="union"``, issue 15's approximate mode,
+  with the separation ids every 100 steps and ``loss.normalize_pixels``): compiled peak (arguments +
   outputs + temporaries − aliased), median step time where it fits. A step whose compiled peak
   exceeds 90 % of the device's memory is "does not fit", never run; a softmax step whose logits
   alone would exceed it (``softmax_peak_lower_bound``) is not even compiled, and a piece that
@@ -484,6 +484,8 @@ def piece_step(
     }
     if head == "ess":
         row.update(selection_setting=selection, search=search)
+        if search == "union":
+            row.update(separation_refresh_every=100, normalize_pixels=True)
     if head == "softmax":
         bound = softmax_peak_lower_bound(preset.batch, preset.size, num_classes)
         if bound >= 0.9 * scaling.device_memory_bytes():
@@ -505,6 +507,11 @@ def piece_step(
     config.loss.num_neighbors = preset.num_neighbors
     config.loss.selection = selection
     config.loss.search = search
+    if search == "union":
+        # What many classes train with (BENCHMARKS §7.5): the separation ids every 100 steps
+        # (the timed steps are the 99 in between) and unit-length pixels in the loss.
+        config.loss.separation_refresh_every = 100
+        config.loss.normalize_pixels = True
     image_shape = (preset.batch, preset.size, preset.size, 3)
     parts = scaling.step_parts(config, image_shape)
     new_state, init, step = parts.new_state, parts.init, parts.step

@@ -69,6 +69,7 @@ def test_tiny_run_writes_every_row(tiny_run):
     assert steps[40, "ess", ""]["plan"]["table_gradient"] == "scatter"  # CPU's auto plan
     assert steps[40, "ess", ""]["plan"]["search_method"] == "pyramid"
     assert steps[40, "ess", "union"]["search"] == "union"
+    assert steps[40, "ess", "union"]["normalize_pixels"] is True
     (profile,) = [r for r in rows if r["kind"] == "profile"]
     assert 1 <= len(profile["top_ops"]) <= 10 and profile["ops_source"].startswith("host")
     assert all(0 < op["share"] for op in profile["top_ops"])
