@@ -47,7 +47,9 @@ Sections:
   paper, on for the from-scratch synthetic demo), ``class_embedding_init`` (``uniform``: the
   paper's uniform [-1, 1] rows; ``imprint``: before the first step, each class row points at
   the mean pixel embedding of that class in ``imprint_batches`` training batches under the
-  freshly initialised network; classes not seen keep their uniform rows).
+  freshly initialised network; classes not seen keep their uniform rows; ``"epoch"``: as many
+  batches as one pass over the training set, which at many classes imprints far more of them,
+  BENCHMARKS §7.5).
 * ``loss``: ``name`` (``softmax`` or ``ess``), ``num_neighbors`` (k), ``temperature``,
   ``margin``, ``separation_weight``, ``max_block_bytes`` (memory budget of the nearest-class
   searches: the largest queries×classes block), ``pixels_per_chunk`` (pixels per chunk of the
@@ -140,7 +142,8 @@ def _model_defaults() -> ml_collections.ConfigDict:
     m.tiny_width = 8
     m.center_embedding = False
     m.class_embedding_init = "uniform"
-    m.imprint_batches = 25
+    # An int, or "epoch" (field_type=object: `--config.model.imprint_batches=250` stays an int).
+    m.imprint_batches = ml_collections.FieldReference(25, field_type=object)
     return m
 
 
@@ -239,7 +242,8 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.model.backbone = "tiny"
     config.model.tiny_width = 8
     config.model.pretrained = ""
-    config.model.imprint_batches = min(config.model.imprint_batches, 2)
+    imprint_batches = config.model.imprint_batches
+    config.model.imprint_batches = 2 if imprint_batches == "epoch" else min(imprint_batches, 2)
     config.dataset.crop_size = (64, 64)
     config.dataset.eval_crop_size = (64, 64)
     config.dataset.eval_pad_to = ()
@@ -375,8 +379,11 @@ def _validate_model(m: ml_collections.ConfigDict) -> None:
             f"model.class_embedding_init must be one of {CLASS_EMBEDDING_INITS}, "
             f"got {m.class_embedding_init!r}"
         )
-    if m.imprint_batches < 1:
-        raise ConfigError(f"model.imprint_batches must be >= 1, got {m.imprint_batches}")
+    batches = m.imprint_batches
+    if batches != "epoch" and (
+        isinstance(batches, bool) or not isinstance(batches, int) or batches < 1
+    ):
+        raise ConfigError(f"model.imprint_batches must be an int >= 1 or 'epoch', got {batches!r}")
     if m.dtype not in DTYPES:
         raise ConfigError(f"model.dtype must be one of {DTYPES}, got {m.dtype!r}")
 

@@ -75,6 +75,14 @@ def imprint_class_embeddings(
     return {**params, "class_embedding": imprinted}
 
 
+def imprint_batch_count(setting: int | str, num_examples: int, batch_size: int) -> int:
+    """Batches to imprint from: ``setting`` itself, or with ``"epoch"`` one pass over
+    ``num_examples`` training examples in global batches of ``batch_size`` (at least 1)."""
+    if setting == "epoch":
+        return max(1, -(-int(num_examples) // int(batch_size)))
+    return int(setting)
+
+
 def imprint(
     state: TrainState,
     config: ml_collections.ConfigDict,
@@ -97,24 +105,27 @@ def imprint(
       is_main: print the summary line (process 0).
     """
     num_classes = config.dataset.num_classes
+    batches = imprint_batch_count(
+        config.model.imprint_batches, len(train_source), config.batch_size
+    )
     iterator = sources.train_iterator(
         config, train_source, host_batch, seed=config.seed + 1, worker_count=0, resample=False
     )
     sums_fn = jax.jit(functools.partial(class_embedding_sums, num_classes=num_classes))
     sums = counts = None
-    for _ in range(config.model.imprint_batches):
+    for _ in range(batches):
         with sources.naming_bad_labels(config, config.dataset.train_split):
             batch = steps.to_global(next(iterator), data_sharding)
         s, c = sums_fn(state, {"image": batch["image"], "label": batch["label"]})
         sums, counts = (s, c) if sums is None else (sums + s, counts + c)
     if is_main:
         seen = int(jnp.sum(counts > 0))
+        epoch = " (one epoch)" if config.model.imprint_batches == "epoch" else ""
         print(
-            f"imprinted {seen} of {num_classes} class embeddings from "
-            f"{config.model.imprint_batches} batches",
+            f"imprinted {seen} of {num_classes} class embeddings from {batches} batches{epoch}",
             flush=True,
         )
     return state.replace(params=imprint_class_embeddings(state.params, sums, counts))
 
 
-__all__ = ["class_embedding_sums", "imprint", "imprint_class_embeddings"]
+__all__ = ["class_embedding_sums", "imprint", "imprint_batch_count", "imprint_class_embeddings"]

@@ -255,8 +255,7 @@ def short_pixels_warning(step: int, scalars: dict[str, float], config) -> str | 
         f"step {step}: the full-resolution pixel embeddings average length {norm:.2f}"
         f" (< {SHORT_PIXEL_NORM}): neighbouring stride-4 embeddings point apart, which pulls"
         " every distance towards 1 and the ESS loss towards log(k+1) whatever the label; consider"
-        " --config.loss.normalize_pixels=True, and model.imprint_batches large enough to imprint"
-        " every class of the training set"
+        " --config.loss.normalize_pixels=True and --config.model.imprint_batches=epoch"
     )
 
 

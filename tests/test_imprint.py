@@ -87,17 +87,28 @@ def test_imprinting_run_starts_from_imprinted_rows_and_resumes_without_reimprint
     config = tiny_config(
         **{
             "model.class_embedding_init": "imprint",
-            "model.imprint_batches": 2,
+            "model.imprint_batches": "epoch",
             "num_train_steps": 2,
             "checkpoint_every_steps": 1,
         }
     )
     training.train_and_evaluate(config, tmp_path)
-    assert "imprinted" in capsys.readouterr().out
+    # "epoch": one pass over the 16 training examples in batches of 4.
+    assert "from 4 batches (one epoch)" in capsys.readouterr().out
     config.num_train_steps = 3
     training.train_and_evaluate(config, tmp_path)
     out = capsys.readouterr().out
     assert "resuming from step 2" in out and "imprinted" not in out
+
+
+def test_imprint_batches_by_count_or_epoch():
+    assert imprint.imprint_batch_count("epoch", 4000, 16) == 250
+    assert imprint.imprint_batch_count("epoch", 4001, 16) == 251
+    assert imprint.imprint_batch_count("epoch", 3, 16) == 1
+    assert imprint.imprint_batch_count(25, 4000, 16) == 25
+    for bad in (0, "all", True, 2.5):
+        with pytest.raises(config_schema.ConfigError, match="model.imprint_batches"):
+            config_schema.validate(tiny_config(**{"model.imprint_batches": bad}))
 
 
 def test_unknown_class_embedding_init_is_refused():
