@@ -482,10 +482,13 @@ def piece_step(
         "size": preset.size,
         "embedding_dim": preset.embedding_dim,
     }
+    # What many classes train with (BENCHMARKS §7.5): the separation ids every 100 steps (the
+    # timed steps are the 99 in between) and unit-length pixels in the loss.
+    union_loss = {"separation_refresh_every": 100, "normalize_pixels": True}
     if head == "ess":
         row.update(selection_setting=selection, search=search)
         if search == "union":
-            row.update(separation_refresh_every=100, normalize_pixels=True)
+            row.update(union_loss)
     if head == "softmax":
         bound = softmax_peak_lower_bound(preset.batch, preset.size, num_classes)
         if bound >= 0.9 * scaling.device_memory_bytes():
@@ -508,10 +511,7 @@ def piece_step(
     config.loss.selection = selection
     config.loss.search = search
     if search == "union":
-        # What many classes train with (BENCHMARKS §7.5): the separation ids every 100 steps
-        # (the timed steps are the 99 in between) and unit-length pixels in the loss.
-        config.loss.separation_refresh_every = 100
-        config.loss.normalize_pixels = True
+        config.loss.update(union_loss)
     image_shape = (preset.batch, preset.size, preset.size, 3)
     parts = scaling.step_parts(config, image_shape)
     new_state, init, step = parts.new_state, parts.init, parts.step

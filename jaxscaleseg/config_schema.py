@@ -415,7 +415,7 @@ def _validate_loss(loss: ml_collections.ConfigDict, num_classes: int) -> None:
     sample = loss.search_quality_sample
     if isinstance(sample, bool) or not isinstance(sample, int) or sample < 0:
         raise ConfigError(f"loss.search_quality_sample must be an int >= 0, got {sample!r}")
-    search = knn_index.resolve_search(loss.search, num_classes, loss.get("normalize_pixels", False))
+    search = knn_index.resolve_search(loss.search, num_classes, loss.normalize_pixels)
     if search == "approximate":
         cells, _ = knn_index.index_shape(num_classes)
         if loss.search_probes > cells:

@@ -45,10 +45,11 @@ AUTO_APPROXIMATE_MIN_CLASSES: int | None = None
 # ``search="auto"`` takes the stride-4 union (``knn_union``) from this many classes on when the
 # loss reads unit-length pixels (``loss.normalize_pixels``), the exact search otherwise.
 # BENCHMARKS.md: the CPU step with the union is faster than the exact one from 1 284 classes on
-# (§2: 1.62 vs 1.73 s at 1 284, 1.72 vs 1.91 s at 10 000, 2.88 vs 18.0 s at 100 000), and with
-# unit-length pixels its logged recall@7 stayed >= 0.989 in training at 10 000 and 100 000
-# classes (§7.5); without them the network can turn neighbouring embeddings apart and the
-# recall fell to ~0.72. Below 10 000 classes the exact search costs little more, so it stays.
+# (§2, medians of 5: 1.55 vs 1.61 s at 1 284, 1.61 vs 2.05 s at 10 000; 2.81 vs 18.0 s at
+# 100 000), and with unit-length pixels its logged recall@7 stayed >= 0.989 in training at
+# 10 000 and 100 000 classes (§7.5); without them the network can turn neighbouring
+# embeddings apart and the recall fell to ~0.72. Below 10 000 classes the exact search costs
+# little more, so it stays.
 AUTO_UNION_MIN_CLASSES = 10_000
 DEFAULT_PROBES = 8
 _POWER_ITERATIONS = 8

@@ -146,7 +146,7 @@ class LossSpec:
             index_refresh_every=int(config.index_refresh_every),
             search_candidates=int(config.search_candidates),
             search_quality_sample=int(config.search_quality_sample),
-            normalize_pixels=bool(config.get("normalize_pixels", False)),
+            normalize_pixels=bool(config.normalize_pixels),
         )
 
 

@@ -249,7 +249,7 @@ def short_pixels_warning(step: int, scalars: dict[str, float], config) -> str | 
     """A warning when a log window's mean pixel-embedding length (``train_pixel_norm``) is
     below ``SHORT_PIXEL_NORM`` while the loss reads the raw blends; else None."""
     norm = scalars.get("train_pixel_norm")
-    if norm is None or norm >= SHORT_PIXEL_NORM or config.loss.get("normalize_pixels", False):
+    if norm is None or norm >= SHORT_PIXEL_NORM or config.loss.normalize_pixels:
         return None
     return (
         f"step {step}: the full-resolution pixel embeddings average length {norm:.2f}"
