@@ -755,6 +755,10 @@ def plan_pieces(preset: Preset, scratch_dir: Path, input_workers: int) -> list[P
     largest = max(preset.step_classes)
     pieces += steps(middle)
     pieces += [step(b, middle, "ess", s) for s in preset.step_selections for b in preset.backbones]
+    if preset.approximate and largest != middle:
+        # The union at C = 1 284 too: 16x fewer queries for the selection that took 37 % of
+        # the first H200 run's step (§2), a candidate for the ESS/softmax target of issue 14.
+        pieces.append(step(preset.backbones[-1], middle, "ess", search="union"))
     pieces += loss + [Piece("matmul", "matmul", {}, 90)]
     if largest != middle:
         pieces += steps(largest)

@@ -15,11 +15,11 @@ CRASHED = "loss C=40 sorted"
 OUT_OF_MEMORY = "step tiny C=40 ess min_rounds"
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """One ``--preset tiny`` run in which the piece ``CRASHED`` aborts."""
-    output_dir = tmp_path_factory.mktemp("gpu_check")
-    scratch_dir = tmp_path_factory.mktemp("gpu_check_scratch")
+def _tiny_run(tmp_path):
+    """One ``--preset tiny`` run in which the piece ``CRASHED`` aborts: (output dir, rows)."""
+    output_dir, scratch_dir = tmp_path / "gpu_check", tmp_path / "gpu_check_scratch"
+    output_dir.mkdir()
+    scratch_dir.mkdir()
     env = dict(os.environ, **{gpu_check.CRASH_ENV: CRASHED, gpu_check.OOM_ENV: OUT_OF_MEMORY})
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     result = subprocess.run(
@@ -46,8 +46,15 @@ def tiny_run(tmp_path_factory):
     return output_dir, gpu_check.read_rows(output_dir)
 
 
-def test_tiny_run_writes_every_row(tiny_run):
-    output_dir, rows = tiny_run
+@pytest.mark.slow
+def test_tiny_run_writes_every_row_and_a_crash_loses_only_its_row(tmp_path):
+    """One run serves both checks (it is the suite's costliest setup: each piece is a process)."""
+    output_dir, rows = _tiny_run(tmp_path)
+    _check_every_row(output_dir, rows)
+    _check_the_crash_lost_only_its_row(output_dir, rows)
+
+
+def _check_every_row(output_dir, rows):
     kinds = {row["kind"] for row in rows}
     assert {"versions", "atomics", "matmul", "loss", "step", "profile", "status"} <= kinds
     (versions,) = [r for r in rows if r["kind"] == "versions"]
@@ -82,8 +89,7 @@ def test_tiny_run_writes_every_row(tiny_run):
     assert "C = 40, ESS with tile_minima:" in summary
 
 
-def test_a_crashing_piece_loses_only_its_row(tiny_run):
-    output_dir, rows = tiny_run
+def _check_the_crash_lost_only_its_row(output_dir, rows):
     losses = {(r["table_gradient"], r["selection"]): r for r in rows if r["kind"] == "loss"}
     # On CPU "auto" is scatter and the pyramid; ("sorted", "pyramid") crashed.
     assert set(losses) == {
@@ -130,7 +136,7 @@ def test_full_preset_plan_puts_the_acceptance_first(tmp_path):
     pieces = gpu_check.plan_pieces(gpu_check.PRESETS["full"], tmp_path, input_workers=8)
     names = [p.name for p in pieces]
     assert names[:2] == ["versions", "atomics"]
-    assert names[2:10] == [
+    assert names[2:11] == [
         "step mobilenet_v2 C=1284 ess",
         "step mobilenet_v2 C=1284 softmax",
         "step resnet101 C=1284 ess + profile",
@@ -139,11 +145,12 @@ def test_full_preset_plan_puts_the_acceptance_first(tmp_path):
         "step resnet101 C=1284 ess min_rounds",
         "step mobilenet_v2 C=1284 ess tile_minima",
         "step resnet101 C=1284 ess tile_minima",
+        "step resnet101 C=1284 ess union",
     ]
-    assert names[10:14] == ["loss C=19 auto", *(f"loss C=19 auto {s}" for s in SELECTIONS)]
+    assert names[11:15] == ["loss C=19 auto", *(f"loss C=19 auto {s}" for s in SELECTIONS)]
     assert sum(n.startswith("loss") for n in names) == 12
-    # 16 cells of the first run, 4 with other selections, the approximate search at 100 000.
-    assert sum(n.startswith("step") for n in names) == 21
+    # 16 cells of the first run, 4 with other selections, the union at 1 284 and 100 000.
+    assert sum(n.startswith("step") for n in names) == 22
     assert "step resnet101 C=100000 ess union" in names
     # The class counts outside the acceptance come last (the first to be cut by the budget).
     assert names.index("input") < names.index("step mobilenet_v2 C=150 ess")
