@@ -3,7 +3,7 @@
     python -m jaxscaleseg.evaluate --config configs/synthetic.py --workdir workdirs/demo \\
         [--checkpoint best|latest|STEP] [--split validation] \\
         [--mode slide --crop_size 512,512 --stride 341,341] [--flip] [--scales common] \\
-        [--search approximate|certified]
+        [--search auto|exact|approximate|certified]
 
 Every labelled pixel of every image counts once, at the image's own size (the padding the
 evaluation pipeline adds to form batches is cropped away before inference). Inference is
@@ -14,7 +14,9 @@ embedding head (see :mod:`jaxscaleseg.inference`). Defaults come from the config
 flags override them. ``--search approximate`` assigns classes through the stride-4 union
 search (``knn_union.approximate_assign``) instead of the exact nearest class;
 ``--search certified`` gives the exact nearest class through that search where a bound proves
-it (``knn_certified.certified_assign``), faster than the plain exact search at 100 000 classes.
+it (``knn_certified.certified_assign``), faster than the plain exact search at 100 000 classes;
+``--search auto``, the default, is the certified search from 10 000 classes on (on CPU) and the
+exact one below (``inference.resolve_search``): the exact assignment either way.
 
 Prints aAcc, mIoU, mAcc, fwIoU, the mIoU over the rare, common and frequent classes (LVIS's
 bins: in 1-10, 11-100 or more training images; LVIS's own labels for COCO+LVIS; a class in no

@@ -361,9 +361,12 @@ def run(
     split = split or config.dataset.eval_split
     source = split_source(config, split, max_examples)  # a bad dataset: before the model loads
     predictor = inference.Predictor.from_workdir(config, workdir, checkpoint, settings)
+    table = len(predictor.class_names) if config.loss.name == "ess" else None
+    search = inference.resolve_search(settings.search, table)
+    auto = f", search auto: {search}" if settings.search == "auto" and search != "exact" else ""
     print(
         f"evaluating {workdir} checkpoint {checkpoint} (step {predictor.step}) on {split}: "
-        f"{len(source)} images, {inference.describe(settings)}",
+        f"{len(source)} images, {inference.describe(settings)}{auto}",
         flush=True,
     )
     class_frequency = dataset_class_frequency(config, workdir)

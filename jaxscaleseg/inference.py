@@ -49,7 +49,14 @@ ApplyFn = Callable[[jax.Array], Mapping[str, jax.Array]]
 Features = tuple[jax.Array, jax.Array | None]
 
 MODES = ("whole", "slide")
-SEARCHES = ("exact", "approximate", "certified")
+SEARCHES = ("exact", "approximate", "certified", "auto")
+# search="auto": the certified search from this many classes on, on CPU; the exact one otherwise.
+# Both return the exact assignment; only the time differs. BENCHMARKS.md §7.3 (CPU, one
+# 1024x2048 image): on the demo checkpoint's embeddings certified took 4.5 s against the exact
+# 8.4 s at 10 000 classes (95 s against 250-300 s at 100 000), and 2.9 s against 1.5 s at
+# 1 284; on features with no spatial structure it is 1.2-1.6x slower than the exact search.
+# Not measured on a GPU yet, so there "auto" stays exact.
+AUTO_CERTIFIED_MIN_CLASSES = 10_000
 _SECTION = ("mode", "crop_size", "stride", "flip", "scales", "search", "search_candidates")
 # Multi-scale test scales in common use (mmsegmentation, DeepLab): 0.5 to 1.75 in steps of 0.25.
 COMMON_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -67,9 +74,11 @@ class InferenceSettings:
       scales: image scales to predict at and merge (1.0: the original size).
       max_block_bytes: memory budget of the nearest-class search.
       search: ``"exact"``, ``"approximate"`` (embedding head: ``knn_union.approximate_assign``,
-        agreement with the exact assignment in BENCHMARKS.md §7) or ``"certified"``
+        agreement with the exact assignment in BENCHMARKS.md §7), ``"certified"``
         (``knn_certified.certified_assign``: the exact assignment, the approximate one where a
-        bound proves it exact and an exact search elsewhere).
+        bound proves it exact and an exact search elsewhere) or ``"auto"`` (the default:
+        :func:`resolve_search`, certified from ``AUTO_CERTIFIED_MIN_CLASSES`` classes on on
+        CPU, else exact; the exact assignment either way).
       search_candidates: K', classes searched per point of its ×4 coarser grid.
     """
 
@@ -79,7 +88,7 @@ class InferenceSettings:
     flip: bool = False
     scales: tuple[float, ...] = (1.0,)
     max_block_bytes: int = knn.DEFAULT_MAX_BLOCK_BYTES
-    search: str = "exact"
+    search: str = "auto"
     search_candidates: int = knn_union.DEFAULT_CANDIDATES
 
     def __post_init__(self):
@@ -317,6 +326,21 @@ def infer_features(apply_fn: ApplyFn, images: jax.Array, settings: InferenceSett
     )
 
 
+def resolve_search(search: str, num_classes: int | None, backend: str | None = None) -> str:
+    """The search that ``search`` stands for: ``"auto"`` is ``"certified"`` from
+    ``AUTO_CERTIFIED_MIN_CLASSES`` classes on when ``backend`` (default: JAX's) is the CPU, and
+    ``"exact"`` otherwise or when there is no class table (``num_classes`` None); any other
+    value is itself.
+    """
+    if search not in SEARCHES:
+        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
+    if search != "auto":
+        return search
+    on_cpu = (backend or jax.default_backend()) == "cpu"
+    many = num_classes is not None and num_classes >= AUTO_CERTIFIED_MIN_CLASSES
+    return "certified" if on_cpu and many else "exact"
+
+
 @functools.partial(jax.jit, static_argnames="max_block_bytes")
 def _assign(features: jax.Array, class_embedding: jax.Array, max_block_bytes: int) -> jax.Array:
     return knn.assign(features, class_embedding, max_block_bytes=max_block_bytes)
@@ -332,7 +356,7 @@ def features_to_labels(
     class_embedding: jax.Array | None = None,
     *,
     max_block_bytes: int = knn.DEFAULT_MAX_BLOCK_BYTES,
-    search: str = "exact",
+    search: str = "auto",
     search_candidates: int = knn_union.DEFAULT_CANDIDATES,
 ) -> jax.Array:
     """Class ids from features.
@@ -348,8 +372,9 @@ def features_to_labels(
     Returns:
       int32 ``[...]``: the nearest class (Euclidean) or the argmax of the logits.
     """
-    if search not in SEARCHES:
-        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
+    # The certified search takes [B, H, W, D] features; "auto" keeps the exact one otherwise.
+    gridded = class_embedding is not None and features.ndim == 4
+    search = resolve_search(search, class_embedding.shape[0] if gridded else None)
     if search == "certified" and class_embedding is not None:
         ids, _ = knn_certified.certified_assign(
             features,
@@ -540,7 +565,7 @@ def describe(settings: InferenceSettings) -> str:
         parts.append("flip")
     if tuple(settings.scales) != (1.0,):
         parts.append("scales " + ",".join(f"{s:g}" for s in settings.scales))
-    if settings.search != "exact":
+    if settings.search not in ("exact", "auto"):
         parts.append(f"{settings.search} search K'={settings.search_candidates}")
     return " ".join(parts)
 
@@ -552,6 +577,7 @@ __all__ = [
     "describe",
     "features_to_labels",
     "infer_features",
+    "resolve_search",
     "scaled_size",
     "sliding_window_features",
     "tta_features",

@@ -128,13 +128,12 @@ def certified_assign(
     point_ids, kth = knn_union.exact_source_lists(
         points, classes, candidates, normalize_classes=False, max_block_bytes=budget
     )
-    # Each pixel's distance to the blend of its grid points loosens its bound.
-    blend = jax.image.resize(points, queries.shape, "bilinear", antialias=False)
+    # Each pixel's distance to the blend of its grid points loosens its bound (2R‖p − b‖), and
+    # so does float32 rounding (the margin times R² + 2R·max(‖p‖, 1)); the re-rank's blocks
+    # compute it, each from its own pixels and grid points.
     radius = jnp.sqrt(jnp.max(jnp.sum(classes * classes, -1)))
-    departure = jnp.sqrt(jnp.sum((queries - blend) ** 2, -1))
-    length = jnp.sqrt(jnp.sum(queries * queries, -1))
-    magnitude = radius * radius + 2.0 * radius * jnp.maximum(length, 1.0)
-    slack = 2.0 * radius * departure + _ROUNDING_MARGIN * dim * magnitude
+    margin = _ROUNDING_MARGIN * dim
+    slack = knn_union.Slack(points, 2.0 * radius, margin * 2.0 * radius, margin * radius * radius)
     ids, certified = knn_union.rerank_source_lists(
         queries, point_ids, kth, classes, 1, max_block_bytes=budget, slack=slack
     )

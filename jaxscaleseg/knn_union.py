@@ -42,6 +42,23 @@ _MAX_PYRAMID_K = 8
 _HIGHEST = lax.Precision.HIGHEST
 
 
+class Slack(NamedTuple):
+    """What loosens each pixel's certificate bound when the pixel need not be exactly the blend
+    of its sources (``knn_certified``): ``per_departure·‖p − b‖ + per_length·max(‖p‖, 1) +
+    constant``, b the pixel's bilinear blend of ``sources``. Computed inside the re-rank's
+    blocks, so no full-resolution copy of the blend is ever held.
+
+    Attributes:
+      sources: float32 ``[B, h, w, D]``, the grid the blend is made of.
+      per_departure, per_length, constant: float32 scalars.
+    """
+
+    sources: jax.Array
+    per_departure: jax.Array
+    per_length: jax.Array
+    constant: jax.Array
+
+
 class AxisCells(NamedTuple):
     """How one axis of a bilinear (half-pixel centres) upsampling groups into cells.
 
@@ -109,11 +126,15 @@ def coarse_grid(features: jax.Array) -> jax.Array:
     (half-pixel centres) to a ×4 coarser grid and renormalised — nearly the model's stride-4
     map when they come from one whole-image pass (the inference assignments' sources)."""
     batch, height, width, dim = features.shape
+    features = jnp.asarray(features, jnp.float32)
+    if height % 4 == 0 and width % 4 == 0:
+        # Exactly ×4: each grid point samples position 4i + 1.5, the mean of rows (columns)
+        # 4i + 1 and 4i + 2. Four strided slices fuse into one pass; the resize's matmuls
+        # held two [B, H/4, W, D]-sized intermediates (BENCHMARKS §7.3).
+        inner = [features[:, i::4, j::4] for i in (1, 2) for j in (1, 2)]
+        return knn.unit_rows(0.25 * (inner[0] + inner[1] + inner[2] + inner[3]))
     shape = (batch, -(-height // 4), -(-width // 4), dim)
-    coarse = jax.image.resize(
-        jnp.asarray(features, jnp.float32), shape, "bilinear", antialias=False
-    )
-    return knn.unit_rows(coarse)
+    return knn.unit_rows(jax.image.resize(features, shape, "bilinear", antialias=False))
 
 
 def exact_source_lists(
@@ -259,7 +280,7 @@ def rerank_source_lists(
     exclude: jax.Array | None = None,
     normalize_classes: bool = False,
     max_block_bytes: int = knn.DEFAULT_MAX_BLOCK_BYTES,
-    slack: jax.Array | None = None,
+    slack: Slack | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The k best of each full-resolution pixel among its four sources' given lists.
 
@@ -273,8 +294,8 @@ def rerank_source_lists(
       exclude: optional int ``[B, H, W]``: one class id per pixel never returned.
       normalize_classes: score against the unit-length rows of ``class_emb``.
       max_block_bytes: budget of a block's gathered rows and scores (bytes).
-      slack: optional float32 ``[B, H, W]`` subtracted from each pixel's bound (the pixel's
-        departure from the sources' bilinear blend, see ``knn_certified``).
+      slack: optional :class:`Slack`, subtracted from each pixel's bound (for pixels that may
+        depart from their sources' bilinear blend, see ``knn_certified``).
 
     Returns:
       ``(ids, certified)`` as :func:`union_nearest_class_ids`.
@@ -296,7 +317,9 @@ def rerank_source_lists(
         "ex": None if exclude is None else jnp.asarray(exclude, jnp.int32).reshape(-1),
         "ids": src_ids.reshape(-1, candidates),
         "bound": None if src_bound is None else src_bound.reshape(-1),
-        "slack": None if slack is None else jnp.asarray(slack, jnp.float32).reshape(-1),
+        "slack": None
+        if slack is None
+        else slack._replace(sources=jnp.asarray(slack.sources, jnp.float32).reshape(-1, dim)),
     }
     rerank = functools.partial(
         _rerank_units,
@@ -309,14 +332,23 @@ def rerank_source_lists(
     )
     # A unit's gathered rows, scores and queries.
     unit_bytes = cells_x * (4 * candidates * (dim + 2 * pixels + 2) + pixels * (dim + 2 * k)) * 4
+    if slack is not None:  # each pixel's blend, and its four weighted sources
+        unit_bytes += cells_x * pixels * 5 * dim * 4
     per_block = max(1, budget // max(unit_bytes, 1))
     ids, certified = _blockwise(rerank, {"unit": jnp.arange(units)}, units, per_block)
     gy, gx = rows.members.shape[1], cols.members.shape[1]
-    ids = ids.reshape(batch, cells_y, cells_x, gy, gx, k)
-    certified = certified.reshape(batch, cells_y, cells_x, gy, gx)
-    at = (rows.cell_of[:, None], cols.cell_of[None, :], rows.slot_of[:, None], cols.slot_of[None])
-    ids = jnp.clip(ids[:, at[0], at[1], at[2], at[3]], 0, num_classes - 1)
-    return ids, certified[:, at[0], at[1], at[2], at[3]]
+    # Back to pixels: (cell, slot) pairs of rows, then of columns, as one index per axis (an
+    # index per pixel would be a [H, W, 4] array, 4x the ids' size).
+    row_of = rows.cell_of * gy + rows.slot_of
+    col_of = cols.cell_of * gx + cols.slot_of
+
+    def to_pixels(cell_major):
+        slots = cell_major.reshape(batch, cells_y, cells_x, gy, gx, -1)
+        slots = jnp.swapaxes(slots, 2, 3).reshape(batch, cells_y * gy, cells_x * gx, -1)
+        return jnp.take(jnp.take(slots, row_of, axis=1), col_of, axis=2)
+
+    ids = jnp.clip(to_pixels(ids), 0, num_classes - 1)
+    return ids, to_pixels(certified)[..., 0]
 
 
 class _UnitCells(NamedTuple):
@@ -326,8 +358,10 @@ class _UnitCells(NamedTuple):
       pixel_rows: int32 ``[h+1, Gy]``, the output rows of each row of cells (empty slots
         repeat row 0); pixel_cols: int32 ``[w+1, Gx]``, the same for columns.
       source_rows: int32 ``[h+1, 2]``; source_cols: int32 ``[w+1, 2]``: the cells' sources.
-      weights: float32 ``[h+1, w+1, Gy·Gx, 4]``, each pixel's weights on its cell's four
-        sources (rows major).
+      row_weights: float32 ``[h+1, Gy, 2]``; col_weights: float32 ``[w+1, Gx, 2]``: each
+        pixel row's (column's) weights on its cell's two source rows (columns); a pixel's
+        weights on its cell's four sources are their products (:func:`_unit_weights`). Kept
+        per axis: the product table was 34 MB of constants for a 1024×2048 image.
       shape: ``(H, W, h, w)``, the output's and the sources' sizes.
     """
 
@@ -335,29 +369,38 @@ class _UnitCells(NamedTuple):
     pixel_cols: np.ndarray
     source_rows: np.ndarray
     source_cols: np.ndarray
-    weights: np.ndarray
+    row_weights: np.ndarray
+    col_weights: np.ndarray
     shape: tuple[int, int, int, int]
 
     @classmethod
     def of(cls, rows: AxisCells, cols: AxisCells, height: int, width: int) -> _UnitCells:
-        weights = np.einsum("ygi,xhj->yxghij", rows.weights, cols.weights)
-        weights = weights.reshape(*weights.shape[:2], -1, 4).astype(np.float32)
         shape = (height, width, rows.sources.shape[0] - 1, cols.sources.shape[0] - 1)
         return cls(
             np.maximum(rows.members, 0),
             np.maximum(cols.members, 0),
             rows.sources,
             cols.sources,
-            weights,
+            rows.weights.astype(np.float32),
+            cols.weights.astype(np.float32),
             shape,
         )
+
+
+def _unit_weights(cells: _UnitCells, cell_row: jax.Array) -> jax.Array:
+    """float32 ``[U, X, Gy·Gx, 4]``: each pixel's weights on its cell's four sources (rows
+    major, as the sources' order), for the rows of cells ``cell_row`` (int32 ``[U]``)."""
+    rows = jnp.asarray(cells.row_weights)[cell_row]  # [U, Gy, 2]
+    cols = jnp.asarray(cells.col_weights)  # [X, Gx, 2]
+    weights = rows[:, None, :, None, :, None] * cols[None, :, None, :, None, :]
+    return weights.reshape(*weights.shape[:2], -1, 4)
 
 
 def _rerank_units(block, *, flat, cells: _UnitCells, classes, k, candidates, normalize):
     """:func:`_rerank` of units ``block["unit"]`` (int32 ``[U]``, unit = b·(h+1) + cell row),
     their queries, excluded ids, lists and bounds gathered here from ``flat``: ``{"q": float32
     [B·H·W, D], "ex": int32 [B·H·W] or None, "ids": int32 [B·h·w, K'], "bound": float32
-    [B·h·w] or None, "slack": float32 [B·H·W] or None}``."""
+    [B·h·w] or None, "slack": :class:`Slack` with sources float32 [B·h·w, D], or None}``."""
     height, width, src_height, src_width = cells.shape
     unit = block["unit"]
     batch, cell_row = unit // cells.pixel_rows.shape[0], unit % cells.pixel_rows.shape[0]
@@ -367,23 +410,38 @@ def _rerank_units(block, *, flat, cells: _UnitCells, classes, k, candidates, nor
     rows = jnp.asarray(cells.source_rows)[cell_row] + (batch * src_height)[:, None]  # [U, 2]
     source = rows[:, None, :, None] * src_width + cells.source_cols[None, :, None, :]
     source = source.reshape(*source.shape[:2], 4)  # [U, X, 4], flat over B·h·w
+    queries = flat["q"][pixel]
     if flat["bound"] is None:  # nothing is certified: a bound below every score
         bound = jnp.full(pixel.shape, -jnp.inf)
     else:
         # Each pixel's certificate bound Σᵢ wᵢ tᵢ from its cell's four sources' K'-th scores:
         # a product and a sum, not an einsum (as a dot with (unit, cell) batch dimensions it is
         # a loop of tiny matmuls on CPU, measured 10x slower than the whole re-rank).
-        weights = jnp.asarray(cells.weights)[cell_row]  # [U, X, P, 4]
+        weights = _unit_weights(cells, cell_row)  # [U, X, P, 4]
         bound = jnp.sum(weights * flat["bound"][source][:, :, None, :], axis=-1)
         if flat["slack"] is not None:
-            bound = bound - flat["slack"][pixel]
+            bound = bound - _slack(flat["slack"], queries, weights, source)
     units = {
-        "q": flat["q"][pixel],
+        "q": queries,
         "ex": jnp.full(pixel.shape, -1, jnp.int32) if flat["ex"] is None else flat["ex"][pixel],
         "ids": flat["ids"][source].reshape(*source.shape[:2], 4 * candidates),
         "bound": bound,
     }
     return _rerank(units, classes=classes, k=k, candidates=candidates, normalize=normalize)
+
+
+def _slack(slack: Slack, queries, weights, source):
+    """float32 ``[U, X, P]``: :class:`Slack` of pixels ``queries [U, X, P, D]`` whose blends
+    are ``weights [U, X, P, 4]`` of sources ``source [U, X, 4]`` (rows of ``slack.sources``)."""
+    points = slack.sources[source]  # [U, X, 4, D]
+    blend = jnp.sum(weights[..., None] * points[:, :, None, :, :], axis=3)
+    departure = jnp.sqrt(jnp.sum((queries - blend) ** 2, -1))
+    length = jnp.sqrt(jnp.sum(queries * queries, -1))
+    return (
+        slack.per_departure * departure
+        + slack.per_length * jnp.maximum(length, 1.0)
+        + slack.constant
+    )
 
 
 def _rerank(block, *, classes, k, candidates, normalize):

@@ -3,7 +3,7 @@
     python -m jaxscaleseg.predict --config configs/synthetic.py --workdir workdirs/demo \\
         photo.jpg more_photos/ --output predictions [--legend] [--checkpoint latest] \\
         [--mode slide --crop_size 512,512] [--flip] [--scales common] \\
-        [--search approximate|certified]
+        [--search auto|exact|approximate|certified]
 
 For each input image (files, or the images directly inside a directory) it writes into
 ``--output``:

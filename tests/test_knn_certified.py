@@ -90,3 +90,44 @@ def test_certified_assignment_rejects_bad_shapes():
         knn_certified.certified_assign(np.zeros((8, 3), np.float32), classes)
     settings = inference.InferenceSettings(search="certified", search_candidates=8)
     assert inference.describe(settings) == "whole certified search K'=8"
+
+
+def test_auto_search_is_certified_from_many_classes_on_the_cpu(monkeypatch):
+    """``search="auto"`` (inference's default): the certified search from
+    ``AUTO_CERTIFIED_MIN_CLASSES`` classes on, on CPU only; the exact one below, elsewhere, for
+    flat features and for logits. Its labels are the exact assignment either way."""
+    threshold = inference.AUTO_CERTIFIED_MIN_CLASSES
+    assert inference.InferenceSettings().search == "auto"
+    assert inference.resolve_search("auto", threshold, backend="cpu") == "certified"
+    assert inference.resolve_search("auto", threshold - 1, backend="cpu") == "exact"
+    assert inference.resolve_search("auto", 10 * threshold, backend="gpu") == "exact"
+    assert inference.resolve_search("auto", None, backend="cpu") == "exact"
+    assert inference.resolve_search("approximate", 3, backend="gpu") == "approximate"
+    with pytest.raises(ValueError, match="search must be one of"):
+        inference.resolve_search("fast", 3)
+    assert inference.describe(inference.InferenceSettings()) == "whole"
+
+    rng = np.random.default_rng(7)
+    coarse = _unit(rng.normal(size=(1, 3, 4, 5)))
+    grid = np.asarray(jax.image.resize(coarse, (1, 6, 8, 5), "bilinear"))
+    features = np.asarray(jax.image.resize(_unit(grid), (1, 23, 30, 5), "bilinear"))
+    features = _unit(features).astype(np.float32)
+    classes = _table(rng, 40, 5)
+    calls = []
+    certified_assign = knn_certified.certified_assign
+
+    def spy(*args, **kwargs):
+        calls.append(args[1].shape[0])
+        return certified_assign(*args, **kwargs)
+
+    monkeypatch.setattr(knn_certified, "certified_assign", spy)
+    exact = np.asarray(knn.assign(jnp.asarray(features), jnp.asarray(classes)))
+    for minimum, routed in ((41, []), (40, [40])):
+        monkeypatch.setattr(inference, "AUTO_CERTIFIED_MIN_CLASSES", minimum)
+        calls.clear()
+        labels = inference.features_to_labels(features, classes, search_candidates=4)
+        assert calls == (routed if jax.default_backend() == "cpu" else []), minimum
+        np.testing.assert_array_equal(np.asarray(labels), exact)
+    flat = inference.features_to_labels(features.reshape(-1, 5), classes)  # not [B, H, W, D]
+    assert calls == [40] or jax.default_backend() != "cpu"
+    np.testing.assert_array_equal(np.asarray(flat), exact.reshape(-1))
