@@ -280,7 +280,12 @@ def _classify_atomics(text: str) -> tuple[str, dict, list[str]]:
     lines = [line.strip() for line in text.splitlines() if "atom." in line or "red." in line]
     # atom.global.add.f32, red.global.add.f32, red.global.v4.f32.add (Hopper's vector form)...
     native = [line for line in lines if ".add" in line and ".f32" in line and ".cas" not in line]
-    cas = [line for line in lines if ".cas." in line]
+    return _atomics_verdict(lines, native, [line for line in lines if ".cas." in line])
+
+
+def _atomics_verdict(lines: list[str], native: list[str], cas: list[str]):
+    """``(verdict, counts, lines)`` of the atomic instructions ``lines``, of which ``native``
+    are float atomic adds and ``cas`` compare-and-swaps."""
     counts = {"float_add_atomics": len(native), "cas_atomics": len(cas), "atomic_lines": len(lines)}
     verdict = {
         (True, False): "native f32 atomic add",
@@ -289,6 +294,14 @@ def _classify_atomics(text: str) -> tuple[str, dict, list[str]]:
         (False, False): "no atomics found",
     }[(bool(native), bool(cas))]
     return verdict, counts, lines
+
+
+def _classify_llvm_atomics(text: str) -> tuple[str, dict, list[str]]:
+    """:func:`_classify_atomics` for LLVM IR: ``atomicrmw fadd`` is a native float atomic add,
+    ``cmpxchg`` a compare-and-swap loop."""
+    lines = [line.strip() for line in text.splitlines() if "atomicrmw" in line or "cmpxchg" in line]
+    native = [line for line in lines if "atomicrmw fadd" in line]
+    return _atomics_verdict(lines, native, [line for line in lines if "cmpxchg" in line])
 
 
 def piece_atomics(output_dir: Path, scratch_dir: Path, preset: Preset) -> None:
@@ -317,18 +330,31 @@ def piece_atomics(output_dir: Path, scratch_dir: Path, preset: Preset) -> None:
     row["seconds_into_19_rows"] = timings[19]
     row["seconds_into_100000_rows"] = timings[100_000]
     row["contention_ratio"] = timings[19] / timings[100_000]
-    ptx_files = sorted(glob.glob(str(scratch_dir / DUMP_DIR / "**" / "*.ptx"), recursive=True))
+    dumped = sorted(p for p in (scratch_dir / DUMP_DIR).rglob("*") if p.is_file())
+    # What the dump held, so that a run with no PTX says what it wrote instead (the first H200
+    # run wrote none).
+    row["dump_files"] = {"count": len(dumped), "names": [p.name for p in dumped[:40]]}
+    ptx_files = [p for p in dumped if p.suffix == ".ptx"]
+    llvm_files = [p for p in dumped if p.suffix == ".ll"]
     if ptx_files:
-        text = "\n".join(Path(p).read_text(errors="replace") for p in ptx_files)
+        text = "\n".join(p.read_text(errors="replace") for p in ptx_files)
         row["verdict"], counts, lines = _classify_atomics(text)
-        row.update(counts)
-        row["ptx_files"] = [Path(p).name for p in ptx_files]
-        (output_dir / PTX_LINES).write_text(
-            f"{len(lines)} atomic instructions in {len(ptx_files)} PTX file(s) of the "
-            "scatter-add probe:\n" + "\n".join(lines[:200]) + "\n"
-        )
+        source = f"{len(ptx_files)} PTX file(s)"
     else:
-        row["verdict"] = f"no PTX written (backend {jax.default_backend()})"
+        # No PTX: the LLVM IR says it too (atomicrmw fadd: a native atomic; cmpxchg: a loop).
+        text = "\n".join(p.read_text(errors="replace") for p in llvm_files)
+        verdict, counts, lines = _classify_llvm_atomics(text)
+        row["verdict"] = f"no PTX written (backend {jax.default_backend()})" + (
+            f"; LLVM IR: {verdict}" if llvm_files else ""
+        )
+        source = f"{len(llvm_files)} LLVM IR file(s)"
+    row.update(counts)
+    row["atomics_source"] = source
+    (output_dir / PTX_LINES).write_text(
+        f"{len(lines)} atomic instructions in {source} of the scatter-add probe:\n"
+        + "\n".join(lines[:200])
+        + "\n"
+    )
     append_row(output_dir, row)
 
 

@@ -61,6 +61,9 @@ def _check_every_row(output_dir, rows):
     assert versions["backend"] == "cpu" and "jax" in versions["packages"]
     (atomics,) = [r for r in rows if r["kind"] == "atomics"]
     assert atomics["verdict"].startswith("no PTX") and atomics["hlo_has_scatter"]
+    # The CPU dump's LLVM IR is read instead: its scatter adds with no atomics at all.
+    assert atomics["verdict"].endswith("LLVM IR: no atomics found"), atomics["verdict"]
+    assert atomics["dump_files"]["count"] > 0
     steps = {(r["C"], r["head"], gpu_check._variant(r)): r for r in rows if r["kind"] == "step"}
     assert set(steps) == {
         (40, "ess", ""),
@@ -130,6 +133,12 @@ def test_atomics_verdict_from_ptx_text():
     assert gpu_check._classify_atomics(vector)[0] == "native f32 atomic add"
     assert gpu_check._classify_atomics(cas)[0] == "compare-and-swap loop"
     assert gpu_check._classify_atomics("add.f32 %f1, %f2, %f3;")[0] == "no atomics found"
+    # Without PTX, the LLVM IR of the dump.
+    ir_native = "%3 = atomicrmw fadd ptr addrspace(1) %2, float %1 seq_cst, align 4"
+    ir_cas = "%5 = cmpxchg ptr addrspace(1) %4, i32 %old, i32 %new seq_cst seq_cst, align 4"
+    assert gpu_check._classify_llvm_atomics(ir_native)[0] == "native f32 atomic add"
+    assert gpu_check._classify_llvm_atomics(ir_cas)[0] == "compare-and-swap loop"
+    assert gpu_check._classify_llvm_atomics("%1 = fadd float %a, %b")[0] == "no atomics found"
 
 
 def test_full_preset_plan_puts_the_acceptance_first(tmp_path):
