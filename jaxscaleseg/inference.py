@@ -52,9 +52,9 @@ MODES = ("whole", "slide")
 SEARCHES = ("exact", "approximate", "certified", "auto")
 # search="auto": the certified search from this many classes on, on CPU; the exact one otherwise.
 # Both return the exact assignment; only the time differs. BENCHMARKS.md §7.3 (CPU, one
-# 1024x2048 image): on the demo checkpoint's embeddings certified took 4.5 s against the exact
-# 8.4 s at 10 000 classes (95 s against 250-300 s at 100 000), and 2.9 s against 1.5 s at
-# 1 284; on features with no spatial structure it is 1.2-1.6x slower than the exact search.
+# 1024x2048 image): on the demo checkpoint's embeddings certified took 4.0 s against the exact
+# 8.4 s at 10 000 classes (64 s against 226 s at 100 000), and 2.5 s against 1.4 s at
+# 1 284; on features with no spatial structure it is 1.3-1.4x slower than the exact search.
 # Not measured on a GPU yet, so there "auto" stays exact.
 AUTO_CERTIFIED_MIN_CLASSES = 10_000
 _SECTION = ("mode", "crop_size", "stride", "flip", "scales", "search", "search_candidates")
