@@ -45,10 +45,11 @@ SCALES = flags.DEFINE_string(
 SEARCH = flags.DEFINE_enum(
     "search",
     None,
-    ["exact", "approximate", "certified", "auto"],
+    list(inference.SEARCHES),
     "Embedding head: exact nearest class; the approximate stride-4 union search; 'certified', "
     "the exact answer through the union where a bound proves it and an exact search elsewhere; "
-    "or 'auto' (the default): certified from 10 000 classes on on CPU, else exact.",
+    f"or 'auto' (the default): certified from {inference.AUTO_CERTIFIED_MIN_CLASSES} classes on "
+    "on CPU, else exact.",
 )
 OUTPUT = flags.DEFINE_string(
     "output", None, "Where to write: the pictures' directory (predict), the .npz (convert_weights)."
