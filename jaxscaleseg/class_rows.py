@@ -115,11 +115,12 @@ def add_rows_by_matmul(
     """Adds ``Σ_(p,j): candidates[p,j]=c  a[p,j] (u_c − pixels[p])`` to each raw row c.
 
     The ESS row gradient of candidate j of pixel p is ``a[p,j] (u_c − p)`` (``u_c`` the class
-    row as read, ``losses._ess_chunk_coefficients``), so class c receives ``u_c·Σa − Σ a·p``. For a
-    block of classes both sums are one matmul of the weights ``W[c, p] = Σ_j a[p,j]·[candidates
-    [p,j] = c]`` (built elementwise, never stored per candidate) with the pixels augmented by a
-    column of ones: no scatter, no sort, no atomics; the work grows as pixels × C. Then the
-    gradient with respect to ``u_c`` is carried to the raw row (linear, so summed first).
+    row as read, ``loss_sums._ess_chunk_coefficients``), so class c receives
+    ``u_c·Σa − Σ a·p``. For a block of classes both sums are one matmul of the weights
+    ``W[c, p] = Σ_j a[p,j]·[candidates[p,j] = c]`` (built elementwise, never stored per
+    candidate) with the pixels augmented by a column of ones: no scatter, no sort, no atomics;
+    the work grows as pixels × C. Then the gradient with respect to ``u_c`` is carried to the
+    raw row (linear, so summed first).
 
     Args:
       table: float32 ``[C, D]``, the gradient so far.

@@ -30,6 +30,7 @@ CORE = (
     "jaxscaleseg.selection",
     "jaxscaleseg.knn_index",
     "jaxscaleseg.losses",
+    "jaxscaleseg.loss_sums",
     "jaxscaleseg.loss_plan",
     "jaxscaleseg.class_rows",
     "jaxscaleseg.nearest_other",
