@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.results_files import write_tables
-from jaxscaleseg import config_schema, evaluation, steps, training
+from jaxscaleseg import config_schema, evaluation, initial_state, steps, training
 from jaxscaleseg import workdir as workdir_lib
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -171,7 +171,7 @@ def step_peak_mb(config) -> float:
     """Compiled peak memory of one train step (arguments + outputs + temporaries - aliased)."""
     size = tuple(config.dataset.crop_size)
     image_shape = (config.batch_size, *size, 3)
-    state = steps.abstract_train_state(config, image_shape)
+    state = initial_state.abstract_train_state(config, image_shape)
     batch = {
         "image": jax.ShapeDtypeStruct(image_shape, jnp.float32),
         "label": jax.ShapeDtypeStruct(image_shape[:3], jnp.int32),

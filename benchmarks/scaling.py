@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.results_files import write_tables
-from jaxscaleseg import config_schema, optim, steps
+from jaxscaleseg import config_schema, initial_state, optim, steps
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -157,7 +157,7 @@ def step_parts(config, image_shape: tuple[int, int, int, int]) -> StepParts:
     step accepts the real one.
     """
     spec = steps.LossSpec.from_config(config.loss)
-    model = steps.make_model(config)
+    model = initial_state.make_model(config)
     tx = optim.make_optimizer(config.optim, config.num_train_steps)
 
     def new_state(variables):
@@ -167,7 +167,7 @@ def step_parts(config, image_shape: tuple[int, int, int, int]) -> StepParts:
             tx=tx,
             batch_stats=variables.get("batch_stats", {}),
             # The separation ids or the approximate search's index, where the loss carries them.
-            **steps.carried_state(config, variables["params"]),
+            **initial_state.carried_state(config, variables["params"]),
         )
 
     def init(key):

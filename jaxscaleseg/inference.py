@@ -39,7 +39,7 @@ import ml_collections
 import numpy as np
 from jax import lax
 
-from jaxscaleseg import knn, knn_certified, knn_union, steps
+from jaxscaleseg import initial_state, knn, knn_certified, knn_union
 from jaxscaleseg import workdir as workdir_lib
 from jaxscaleseg.data import augment, sources, synthetic
 from jaxscaleseg.models import build_model, l2_normalize
@@ -504,12 +504,12 @@ class Predictor:
           ModelMismatchError: the workdir's ``model.json`` differs from the config.
         """
         variables, step = workdir_lib.load_variables(workdir, checkpoint)
-        expected = steps.model_args(config)
+        expected = initial_state.model_args(config)
         workdir_lib.check_model(workdir, expected)
         stored = workdir_lib.read_model_args(workdir)
         model = build_model(**(stored or expected))
         if stored is None:  # no model.json: the checkpoint's shapes are the only witness
-            steps.check_variable_shapes(model, variables, workdir)
+            initial_state.check_variable_shapes(model, variables, workdir)
         names, palette = sources.class_info(config, model.num_classes)
         return cls(
             model,

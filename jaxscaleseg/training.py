@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxscaleseg import config_schema, logs, metrics, multihost, optim, steps
+from jaxscaleseg import config_schema, initial_state, logs, metrics, multihost, optim, steps
 from jaxscaleseg import workdir as workdir_lib
 from jaxscaleseg.data import sources
 from jaxscaleseg.errors import ConfigError, NonFiniteLossError
@@ -106,9 +106,9 @@ def config_json(config: ml_collections.ConfigDict) -> str:
 
 def _initial_state(config, image_shape, replicated: NamedSharding) -> TrainState:
     init_rng = jax.random.split(jax.random.key(config.seed))[0]
-    backbone = steps.pretrained_backbone(config) if config.model.pretrained else None
+    backbone = initial_state.pretrained_backbone(config) if config.model.pretrained else None
     return jax.jit(
-        functools.partial(steps.create_train_state, config, image_shape=image_shape),
+        functools.partial(initial_state.create_train_state, config, image_shape=image_shape),
         out_shardings=replicated,
     )(init_rng, backbone=backbone)
 
@@ -127,10 +127,10 @@ def setup(config: ml_collections.ConfigDict, workdir: Any) -> tuple[Run, TrainSt
     """
     config_schema.validate(config)
     workdir = workdir_lib.prepare(workdir)
-    model_args = steps.model_args(config)
+    model_args = initial_state.model_args(config)
     workdir_lib.check_model(workdir, model_args)
     if config.model.pretrained:
-        steps.pretrained_backbone(config, fetch_only=True)
+        initial_state.pretrained_backbone(config, fetch_only=True)
     is_main = jax.process_index() == 0
     train_source, eval_source = sources.make_sources(config)
     if is_main:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import pytest
 from ml_collections import config_flags
 
-from jaxscaleseg import config_schema, steps, training, workdir
+from jaxscaleseg import config_schema, initial_state, steps, training, workdir
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 CONFIG_FILES = sorted(p for p in CONFIG_DIR.glob("*.py") if not p.name.startswith("_"))
@@ -158,7 +158,7 @@ def test_full_config_builds_its_model_and_train_step(path, variant):
     config = _load(path, variant)
     config.model.pretrained = ""  # the converted ImageNet weights are not here; shapes suffice
     shape = (config.batch_size, *config.dataset.crop_size, 3)
-    state = steps.abstract_train_state(config, shape)
+    state = initial_state.abstract_train_state(config, shape)
     num_classes, dim = config.dataset.num_classes, config.model.embedding_dim
     if config.loss.name == "ess":
         assert state.params["class_embedding"].shape == (num_classes, dim), path.name
@@ -171,7 +171,7 @@ def test_full_config_builds_its_model_and_train_step(path, variant):
     smoke = _load(path, ",".join(["smoke", variant]) if variant else "smoke")
     assert (smoke.loss, smoke.optim) == (config.loss, config.optim), path.name
     shape = (smoke.batch_size, *smoke.dataset.crop_size, 3)
-    state = steps.abstract_train_state(smoke, shape)
+    state = initial_state.abstract_train_state(smoke, shape)
     batch = {
         "image": jax.ShapeDtypeStruct(shape, jnp.float32),
         "label": jax.ShapeDtypeStruct(shape[:3], jnp.int32),

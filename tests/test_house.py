@@ -43,6 +43,7 @@ HIGH = (
     "jaxscaleseg.data",
     "jaxscaleseg.training",
     "jaxscaleseg.steps",
+    "jaxscaleseg.initial_state",
     "jaxscaleseg.workdir",
     "jaxscaleseg.inference",
     "jaxscaleseg.evaluation",

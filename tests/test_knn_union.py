@@ -172,7 +172,7 @@ def test_train_step_with_the_union_search():
     candidates a close one; the config check names the keys."""
     from test_training import _state_and_batch, tiny_config
 
-    from jaxscaleseg import config_schema, steps
+    from jaxscaleseg import config_schema, initial_state, steps
     from jaxscaleseg.errors import ConfigError
 
     step = jax.jit(steps.train_step, static_argnames="spec")
@@ -189,7 +189,7 @@ def test_train_step_with_the_union_search():
     }.items():
         config = tiny_config(**overrides)
         config_schema.validate(config)
-        assert steps.carried_state(config, state.params)["class_index"] is None
+        assert initial_state.carried_state(config, state.params)["class_index"] is None
         _, out = step(state, batch, key, spec=steps.LossSpec.from_config(config.loss))
         losses[name] = float(out["loss"])
         quality[name] = (out.get("search_recall"), out.get("search_ess_rel_error"))

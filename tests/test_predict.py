@@ -21,9 +21,9 @@ from jaxscaleseg import (
     config_schema,
     evaluation,
     inference,
+    initial_state,
     predict,
     prediction,
-    steps,
     visualize,
 )
 from jaxscaleseg import workdir as workdir_lib
@@ -77,7 +77,7 @@ def workdir(tmp_path_factory):
     model.json, config file (the state tree: step, params, batch_stats, opt_state)."""
     root = tmp_path_factory.mktemp("run")
     config = _config()
-    spec = steps.model_args(config)
+    spec = initial_state.model_args(config)
     model = build_model(**spec)
     variables = _random_variables(model)
     state = {

@@ -15,7 +15,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxscaleseg import config_schema, errors, optim, pixel_length, steps, training, workdir
+from jaxscaleseg import (
+    config_schema,
+    errors,
+    initial_state,
+    optim,
+    pixel_length,
+    steps,
+    training,
+    workdir,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -89,7 +98,7 @@ def test_optimizer_groups_and_poly_schedules():
 
 def _state_and_batch(config, key=0):
     shape = (config.batch_size, *config.dataset.crop_size, 3)
-    init = functools.partial(steps.create_train_state, config, image_shape=shape)
+    init = functools.partial(initial_state.create_train_state, config, image_shape=shape)
     state = jax.jit(init)(jax.random.key(key))
     rng = np.random.default_rng(key)
     batch = {
@@ -201,7 +210,7 @@ def test_ess_step_memory_grows_only_by_the_class_table():
         config.model.pretrained = ""
         config.batch_size = 2
         shape = (2, 256, 256, 3)
-        state = steps.abstract_train_state(config, shape)
+        state = initial_state.abstract_train_state(config, shape)
         batch = {
             "image": jax.ShapeDtypeStruct(shape, jnp.float32),
             "label": jax.ShapeDtypeStruct(shape[:3], jnp.int32),

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from models_fixtures import random_state_dict, torch_zip_checkpoint
 
-from jaxscaleseg import config_schema, steps
+from jaxscaleseg import config_schema, initial_state
 from jaxscaleseg.models import pretrained
 from jaxscaleseg.models import weights_cache as W
 
@@ -192,9 +192,9 @@ def test_training_uses_torchvision_weights(env, tmp_path):
     config.model.backbone = ARCH
     config.model.pretrained = f"torchvision:{ARCH}"
     config.dataset.num_classes = 3
-    steps.pretrained_backbone(config, fetch_only=True)  # what train_and_evaluate does first
-    backbone = steps.pretrained_backbone(config)  # and then, converted, into the init
-    init = functools.partial(steps.create_train_state, config, image_shape=(1, 32, 32, 3))
+    initial_state.pretrained_backbone(config, fetch_only=True)  # what train_and_evaluate does first
+    backbone = initial_state.pretrained_backbone(config)  # and then, converted, into the init
+    init = functools.partial(initial_state.create_train_state, config, image_shape=(1, 32, 32, 3))
     state = jax.jit(init)(jax.random.key(0), backbone=backbone)
     expected = pretrained.convert_state_dict(sd, ARCH)
     _assert_equal_trees(jax.device_get(state.params["backbone"]), expected["params"])
@@ -203,10 +203,10 @@ def test_training_uses_torchvision_weights(env, tmp_path):
 
     config.model.backbone = "resnet50"
     with pytest.raises(config_schema.ConfigError, match="holds a mobilenet_v2 but model.backbone"):
-        steps.pretrained_backbone(config)
+        initial_state.pretrained_backbone(config)
     config.model.pretrained = str(tmp_path / "missing.npz")
     with pytest.raises(config_schema.ConfigError, match=r"model.pretrained: no such file .*"):
-        steps.pretrained_backbone(config, fetch_only=True)
+        initial_state.pretrained_backbone(config, fetch_only=True)
 
 
 def test_train_cli_offline_is_one_line(env, tmp_path):
