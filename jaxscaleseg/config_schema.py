@@ -70,8 +70,8 @@ Sections:
   exact otherwise), ``search_probes`` (cells probed per
   pixel), ``index_refresh_every`` (steps between rebuilds of the checkpointed index),
   ``search_candidates`` (K', classes searched per stride-4 source by ``union`` and
-  ``certified``) and ``search_quality_sample`` (pixels on which an approximate search's
-  recall and loss error are measured every step; 0: off), ``normalize_pixels`` (the ESS loss
+  ``certified``) and ``search_quality_sample`` (pixels of a log step's batch on which an
+  approximate search's recall and loss error are measured; 0: off), ``normalize_pixels`` (the ESS loss
   reads the full-resolution pixel embeddings scaled to unit length; off, as in the paper, the
   loss reads the bilinear blends of unit stride-4 embeddings, which a network can shorten by
   making neighbouring stride-4 embeddings point apart, see ``jaxscaleseg.pixel_length``).
@@ -173,9 +173,9 @@ def _loss_defaults() -> ml_collections.ConfigDict:
     loss.index_refresh_every = 10
     # K': classes searched per stride-4 source by loss.search = "union" or "certified".
     loss.search_candidates = 32
-    # Approximate searches: recall@k and ESS relative error on this many pixels every step
-    # (logged as search_recall, search_ess_rel_error); 0: not measured.
-    loss.search_quality_sample = 1024
+    # Approximate searches: recall@k and ESS relative error on this many pixels of the batch
+    # at each log step (logged as search_recall, search_ess_rel_error); 0: not measured.
+    loss.search_quality_sample = 4096
     # The ESS loss on unit-length full-resolution pixel embeddings (off: the paper's blends).
     loss.normalize_pixels = False
     return loss

@@ -78,9 +78,10 @@ class LossSpec:
         exact search's for the other pixels: exact negatives; reports ``search_certified``,
         the fraction certified) or ``"auto"`` (``knn_index.resolve_search``).
       search_candidates: K', classes searched per stride-4 source by the union search.
-      search_quality_sample: with an approximate search, every step also reports its
-        recall@k against the exact search and the ESS loss's relative error on a sample of
-        this many pixels (``search_recall``, ``search_ess_rel_error``; 0: not measured).
+      search_quality_sample: with an approximate search, the training loop measures its
+        recall@k against the exact search and the ESS loss's relative error at each log step,
+        on a sample of this many pixels of that step's batch (:func:`search_quality`:
+        ``search_recall``, ``search_ess_rel_error``; 0: not measured).
       search_probes: cells probed per pixel by the approximate search.
       index_refresh_every: the approximate search's index is rebuilt on the steps
         ``step % n == 0``.
@@ -103,12 +104,21 @@ class LossSpec:
     search_probes: int = knn_index.DEFAULT_PROBES
     index_refresh_every: int = 10
     search_candidates: int = knn_union.DEFAULT_CANDIDATES
-    search_quality_sample: int = 1024
+    search_quality_sample: int = 4096
     normalize_pixels: bool = False
 
     def approximate(self, num_classes: int) -> bool:
         """The ESS negatives come from the approximate search (``knn_index``)."""
         return self.resolved_search(num_classes) == "approximate"
+
+    def measures_search(self, num_classes: int) -> bool:
+        """The loss's negatives come from an approximate search whose quality is measured
+        (:func:`search_quality`, at log steps): ESS, not exact, a sample > 0."""
+        return (
+            self.name == "ess"
+            and self.search_quality_sample > 0
+            and self.resolved_search(num_classes) != "exact"
+        )
 
     def resolved_search(self, num_classes: int) -> str:
         """The pixels' search at C = ``num_classes`` (``"exact"`` for the softmax loss)."""
@@ -323,23 +333,6 @@ def train_step(
             separation_ids=separation_ids,
             neighbor_ids=neighbor_ids,
         )
-        if neighbor_ids is not None and spec.search_quality_sample > 0:
-            quality = knn_index.sampled_quality(
-                outputs["pixel_embedding"],
-                batch["label"],
-                params["class_embedding"],
-                neighbor_ids,
-                temperature=spec.temperature,
-                normalize_classes=True,
-                sample=spec.search_quality_sample,
-                max_block_bytes=spec.max_block_bytes,
-                normalize_pixels=spec.normalize_pixels,
-            )
-            parts = {
-                **parts,
-                "search_recall": quality["recall"],
-                "search_ess_rel_error": quality["ess_relative_error"],
-            }
         if certified is not None:
             parts = {**parts, "search_certified": certified}
         if "pixel_embedding" in outputs:
@@ -364,6 +357,51 @@ def train_step(
         **parts,
     }
     return new_state, out
+
+
+def search_quality(
+    state: TrainState, batch: Mapping[str, jax.Array], base_rng: jax.Array, spec: LossSpec
+) -> dict[str, jax.Array]:
+    """How good the step's approximate search is on this batch, at this state.
+
+    The network's forward pass as :func:`train_step` runs it (same dropout key, batch
+    statistics), the same approximate negatives, then ``knn_index.sampled_quality`` on
+    ``spec.search_quality_sample`` of the pixels: one exact search of the sample. The training
+    loop calls it at log steps, before the step (the state is donated to the step), rather than
+    every step inside it: the step then holds none of its buffers at its memory peak.
+
+    Returns:
+      ``{"search_recall", "search_ess_rel_error"}``, float32 scalars; ``{}`` where the loss
+      searches exactly (see :meth:`LossSpec.measures_search`).
+    """
+    table = state.params.get("class_embedding")
+    if table is None or not spec.measures_search(table.shape[0]):
+        return {}
+    outputs, _ = state.apply_fn(
+        {"params": state.params, "batch_stats": state.batch_stats},
+        batch["image"],
+        train=True,
+        mutable=["batch_stats"],
+        rngs={"dropout": jax.random.fold_in(base_rng, state.step)},
+    )
+    neighbor_ids, _ = _approximate_neighbors(
+        outputs, state.params, batch["label"], _refreshed_class_index(state, spec), spec
+    )
+    quality = knn_index.sampled_quality(
+        outputs["pixel_embedding"],
+        batch["label"],
+        table,
+        neighbor_ids,
+        temperature=spec.temperature,
+        normalize_classes=True,
+        sample=spec.search_quality_sample,
+        max_block_bytes=spec.max_block_bytes,
+        normalize_pixels=spec.normalize_pixels,
+    )
+    return {
+        "search_recall": quality["recall"],
+        "search_ess_rel_error": quality["ess_relative_error"],
+    }
 
 
 def predict(state: TrainState, images: jax.Array) -> jax.Array:
@@ -419,6 +457,7 @@ __all__ = [
     "eval_step",
     "make_mesh",
     "predict",
+    "search_quality",
     "to_global",
     "train_step",
 ]

@@ -52,6 +52,8 @@ class Run:
       eval_loader: this host's evaluation batches (re-iterable).
       step_fn: jitted ``train_step`` (state donated).
       eval_fn: jitted ``eval_step``.
+      quality_fn: jitted ``search_quality`` (called at log steps), or None where the loss
+        searches exactly.
       base_rng: the run's base key (replicated).
       data_sharding: the batch sharding.
       start_step: the step the state is at.
@@ -66,6 +68,7 @@ class Run:
     eval_loader: Any
     step_fn: Any
     eval_fn: Any
+    quality_fn: Any
     base_rng: jax.Array
     data_sharding: NamedSharding
     start_step: int = 0
@@ -168,6 +171,11 @@ def setup(config: ml_collections.ConfigDict, workdir: Any) -> tuple[Run, TrainSt
             functools.partial(steps.eval_step, num_classes=config.dataset.num_classes),
             out_shardings=replicated,
         ),
+        quality_fn=jax.jit(
+            functools.partial(steps.search_quality, spec=spec), out_shardings=replicated
+        )
+        if spec.measures_search(config.dataset.num_classes)
+        else None,
         base_rng=_base_rng(config.seed, replicated),
         data_sharding=data_sharding,
     )
@@ -301,7 +309,12 @@ def train_loop(run: Run, state: TrainState, writer: logs.MetricWriter, progress)
     step = run.start_step
     batch = _next_batch(run) if step < last else None
     for step in range(run.start_step + 1, last + 1):
+        logging = step % c.log_every_steps == 0 or step == last
+        # The approximate search's quality, on this step's batch before the step (which takes
+        # the state's buffers): at log steps only, so the step itself never holds its buffers.
+        quality = run.quality_fn(state, batch, run.base_rng) if logging and run.quality_fn else {}
         state, device_metrics = run.step_fn(state, batch, run.base_rng)
+        device_metrics = {**device_metrics, **quality}
         saving = step % c.checkpoint_every_steps == 0 or step == last
         # The next batch goes to the devices while this step runs, except before a save
         # (the saved iterator position must be right after this step's batch).
@@ -309,7 +322,6 @@ def train_loop(run: Run, state: TrainState, writer: logs.MetricWriter, progress)
         if pending is not None:  # the previous step's metrics: no wait for this one
             progress.update(pending[0], window.add(*pending, run.workdir))
         pending = (step, device_metrics)
-        logging = step % c.log_every_steps == 0 or step == last
         evaluating = step == last or (c.eval_every_steps and step % c.eval_every_steps == 0)
         if logging or evaluating or saving:
             progress.update(step, window.add(*pending, run.workdir))

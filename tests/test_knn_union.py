@@ -176,6 +176,7 @@ def test_train_step_with_the_union_search():
     from jaxscaleseg.errors import ConfigError
 
     step = jax.jit(steps.train_step, static_argnames="spec")
+    measure = jax.jit(steps.search_quality, static_argnames="spec")
     key = jax.random.key(1)
     # The union search carries no state: one initial state serves every spec.
     state, batch = _state_and_batch(tiny_config())
@@ -190,15 +191,19 @@ def test_train_step_with_the_union_search():
         config = tiny_config(**overrides)
         config_schema.validate(config)
         assert initial_state.carried_state(config, state.params)["class_index"] is None
-        _, out = step(state, batch, key, spec=steps.LossSpec.from_config(config.loss))
+        spec = steps.LossSpec.from_config(config.loss)
+        _, out = step(state, batch, key, spec=spec)
         losses[name] = float(out["loss"])
-        quality[name] = (out.get("search_recall"), out.get("search_ess_rel_error"))
+        measured = measure(state, batch, key, spec=spec)
+        quality[name] = (measured.get("search_recall"), measured.get("search_ess_rel_error"))
+        # Measured apart (the loop calls it at log steps), not inside the step.
+        assert "search_recall" not in out
         certified[name] = out.get("search_certified")
     # Same negatives, same arithmetic up to float32 reassociation.
     np.testing.assert_allclose(losses["every"], losses["exact"], rtol=1e-5)
     # Farther negatives weigh less in the softmax: a loss no higher, within a few per cent.
     assert 0.9 * losses["exact"] <= losses["few"] <= losses["exact"] * (1 + 1e-5)
-    # Logged every step on a sample (loss.search_quality_sample): perfect with every class.
+    # Measured on a sample (loss.search_quality_sample): perfect with every class.
     assert quality["exact"] == (None, None)
     assert float(quality["every"][0]) == 1.0 and float(quality["every"][1]) < 1e-5
     assert 0.0 < float(quality["few"][0]) <= 1.0 and float(quality["few"][1]) >= 0.0
@@ -213,6 +218,28 @@ def test_train_step_with_the_union_search():
     assert 0.0 <= float(certified["certified"]) <= 1.0 and certified["few"] is None
     with pytest.raises(ConfigError, match="search='union'.*search_candidates=5"):
         config_schema.validate(tiny_config(**{"loss.search": "union", "loss.search_candidates": 5}))
+
+
+def test_the_loop_measures_the_union_search_at_log_steps_only(tmp_path):
+    """The training loop logs the union's quality (``steps.search_quality`` on that step's
+    batch) with each log line; every class a candidate: recall 1, no loss error."""
+    from test_training import tiny_config
+
+    from jaxscaleseg import training, workdir
+
+    config = tiny_config(
+        num_train_steps=5,
+        log_every_steps=2,
+        eval_every_steps=0,
+        checkpoint_every_steps=5,
+        **{"loss.search": "union", "loss.search_candidates": 30},
+    )
+    training.train_and_evaluate(config, tmp_path)
+    logged = [r for r in workdir.read_metrics(tmp_path) if "train_loss" in r]
+    assert [r["step"] for r in logged] == [2, 4, 5]
+    for record in logged:
+        assert record["train_search_recall"] == 1.0, record
+        assert 0.0 <= record["train_search_ess_rel_error"] < 1e-5, record
 
 
 def test_auto_search_takes_the_union_with_unit_pixels(monkeypatch):
@@ -233,9 +260,9 @@ def test_auto_search_takes_the_union_with_unit_pixels(monkeypatch):
         spec = steps.LossSpec.from_config(config.loss)
         assert spec.resolved_search(30) == ("union" if threshold == 30 else "exact")
         # A fresh function each time: jit's cache would keep the first trace for this spec.
-        step = jax.jit(lambda s, b, k, spec=spec: steps.train_step(s, b, k, spec=spec))
-        _, out = step(state, batch, jax.random.key(1))
-        logged[threshold] = "search_recall" in out
+        measure = jax.jit(lambda s, b, k, spec=spec: steps.search_quality(s, b, k, spec=spec))
+        logged[threshold] = "search_recall" in measure(state, batch, jax.random.key(1))
+        assert spec.measures_search(30) == logged[threshold]
     assert logged == {30: True, 31: False}
     monkeypatch.setattr(knn_index, "AUTO_UNION_MIN_CLASSES", 30)
     with pytest.raises(ConfigError, match="loss.search='auto'.*negatives='original'"):
