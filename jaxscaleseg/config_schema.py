@@ -71,10 +71,11 @@ Sections:
   pixel), ``index_refresh_every`` (steps between rebuilds of the checkpointed index),
   ``search_candidates`` (K', classes searched per stride-4 source by ``union`` and
   ``certified``) and ``search_quality_sample`` (pixels of a log step's batch on which an
-  approximate search's recall and loss error are measured; 0: off), ``normalize_pixels`` (the ESS loss
-  reads the full-resolution pixel embeddings scaled to unit length; off, as in the paper, the
-  loss reads the bilinear blends of unit stride-4 embeddings, which a network can shorten by
-  making neighbouring stride-4 embeddings point apart, see ``jaxscaleseg.pixel_length``).
+  approximate search's recall and loss error are measured; 0: off), ``normalize_pixels``
+  (the ESS loss reads the full-resolution pixel embeddings scaled to unit length; off, as in
+  the paper, the loss reads the bilinear blends of unit stride-4 embeddings, which a network
+  can shorten by making neighbouring stride-4 embeddings point apart, see
+  ``jaxscaleseg.pixel_length``).
 * ``optim``: see :func:`jaxscaleseg.optim.make_optimizer`.
 """
 
