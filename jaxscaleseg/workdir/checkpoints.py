@@ -277,12 +277,7 @@ class RunCheckpoints:
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(tree), data=grain.checkpoint.CheckpointSave(iterator)
         )
-        try:
-            self._latest.save(step, args=args, force=True)
-        except Exception as e:
-            if _disk_full(e):
-                raise disk_full_error(self.workdir, f"saving checkpoint {step}", e) from e
-            raise
+        self._save(self._latest, step, args, f"saving checkpoint {step}")
 
     def save_best(self, step: int, tree: Any, scalars: Mapping[str, float]) -> None:
         """Saves the best checkpoint at ``step`` with its validation scalars.
@@ -296,11 +291,15 @@ class RunCheckpoints:
             state=ocp.args.StandardSave(tree),
             metrics=ocp.args.JsonSave({k: float(v) for k, v in scalars.items()}),
         )
+        self._save(self._best, step, args, f"saving the best checkpoint {step}")
+
+    def _save(self, manager: ocp.CheckpointManager, step: int, args: Any, what: str) -> None:
+        """``manager.save``; a full disk becomes one :class:`WorkdirError` naming ``what``."""
         try:
-            self._best.save(step, args=args, force=True)
+            manager.save(step, args=args, force=True)
         except Exception as e:
             if _disk_full(e):
-                raise disk_full_error(self.workdir, f"saving the best checkpoint {step}", e) from e
+                raise disk_full_error(self.workdir, what, e) from e
             raise
 
     def close(self) -> None:
