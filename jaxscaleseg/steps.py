@@ -294,6 +294,17 @@ def _approximate_neighbors(outputs, params, labels, class_index, spec: LossSpec)
     return exact.reshape(ids.shape), jnp.mean(certified.astype(jnp.float32))
 
 
+def _training_forward(state: TrainState, params: Any, images: jax.Array, rng: jax.Array):
+    """The network in training mode: ``(outputs, {"batch_stats": updated statistics})``."""
+    return state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats},
+        images,
+        train=True,
+        mutable=["batch_stats"],
+        rngs={"dropout": rng},
+    )
+
+
 def train_step(
     state: TrainState, batch: Mapping[str, jax.Array], base_rng: jax.Array, spec: LossSpec
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -315,13 +326,7 @@ def train_step(
     class_index = _refreshed_class_index(state, spec)
 
     def loss_fn(params):
-        outputs, updates = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats},
-            batch["image"],
-            train=True,
-            mutable=["batch_stats"],
-            rngs={"dropout": rng},
-        )
+        outputs, updates = _training_forward(state, params, batch["image"], rng)
         neighbor_ids, certified = _approximate_neighbors(
             outputs, params, batch["label"], class_index, spec
         )
@@ -377,13 +382,8 @@ def search_quality(
     table = state.params.get("class_embedding")
     if table is None or not spec.measures_search(table.shape[0]):
         return {}
-    outputs, _ = state.apply_fn(
-        {"params": state.params, "batch_stats": state.batch_stats},
-        batch["image"],
-        train=True,
-        mutable=["batch_stats"],
-        rngs={"dropout": jax.random.fold_in(base_rng, state.step)},
-    )
+    rng = jax.random.fold_in(base_rng, state.step)
+    outputs, _ = _training_forward(state, state.params, batch["image"], rng)
     neighbor_ids, _ = _approximate_neighbors(
         outputs, state.params, batch["label"], _refreshed_class_index(state, spec), spec
     )
