@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -305,21 +305,35 @@ def _training_forward(state: TrainState, params: Any, images: jax.Array, rng: ja
     )
 
 
-def train_step(
+class StepGradients(NamedTuple):
+    """What one step computes before the optimiser (:func:`step_gradients`).
+
+    Attributes:
+      loss: float32 scalar, the configured loss of the batch.
+      parts: dict of float32 scalars: the loss's named terms, ``pixel_norm`` for the embedding
+        head and ``search_certified`` for the certified search.
+      batch_stats: the updated BatchNorm statistics.
+      grads: the loss's gradients, a tree like ``state.params``.
+      separation_ids: int32 ``[C]``, the separation ids the step used (to be carried), or None.
+      class_index: the approximate search's index the step used (to be carried), or None.
+    """
+
+    loss: jax.Array
+    parts: dict[str, jax.Array]
+    batch_stats: Any
+    grads: Any
+    separation_ids: jax.Array | None
+    class_index: Any
+
+
+def step_gradients(
     state: TrainState, batch: Mapping[str, jax.Array], base_rng: jax.Array, spec: LossSpec
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimisation step.
+) -> StepGradients:
+    """The loss of one batch at ``state`` and its gradients, as :func:`train_step` computes them
+    (same dropout key, refreshed separation ids and class index), before the update.
 
     Args:
-      state: the train state (donated by the jitted caller).
-      batch: ``{"image": float32 [B, H, W, 3], "label": int32 [B, H, W]}``, sharded over the
-        batch axis.
-      base_rng: the run's base key; the step's dropout key is ``fold_in(base_rng, step)``.
-      spec: the loss (static).
-
-    Returns:
-      ``(new_state, metrics)`` with scalar ``loss``, its parts, ``grad_norm``, ``param_norm``
-      and ``update_norm``.
+      state, batch, base_rng, spec: as in :func:`train_step`.
     """
     rng = jax.random.fold_in(base_rng, state.step)
     separation_ids = _refreshed_separation_ids(state, spec)
@@ -345,21 +359,45 @@ def train_step(
         return loss, (parts, updates["batch_stats"])
 
     (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return StepGradients(loss, parts, batch_stats, grads, separation_ids, class_index)
+
+
+def train_step(
+    state: TrainState, batch: Mapping[str, jax.Array], base_rng: jax.Array, spec: LossSpec
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimisation step.
+
+    Args:
+      state: the train state (donated by the jitted caller).
+      batch: ``{"image": float32 [B, H, W, 3], "label": int32 [B, H, W]}``, sharded over the
+        batch axis.
+      base_rng: the run's base key; the step's dropout key is ``fold_in(base_rng, step)``.
+      spec: the loss (static).
+
+    Returns:
+      ``(new_state, metrics)`` with scalar ``loss``, its parts, ``grad_norm``, ``param_norm``
+      and ``update_norm``.
+    """
+    computed = step_gradients(state, batch, base_rng, spec)
+    grads = computed.grads
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(
-        step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats
+        step=state.step + 1,
+        params=params,
+        opt_state=opt_state,
+        batch_stats=computed.batch_stats,
     )
-    if separation_ids is not None:
-        new_state = new_state.replace(separation_ids=separation_ids)
-    if class_index is not None:
-        new_state = new_state.replace(class_index=class_index._asdict())
+    if computed.separation_ids is not None:
+        new_state = new_state.replace(separation_ids=computed.separation_ids)
+    if computed.class_index is not None:
+        new_state = new_state.replace(class_index=computed.class_index._asdict())
     out = {
-        "loss": loss,
+        "loss": computed.loss,
         "grad_norm": optax.tree.norm(grads),
         "param_norm": optax.tree.norm(params),
         "update_norm": optax.tree.norm(updates),
-        **parts,
+        **computed.parts,
     }
     return new_state, out
 

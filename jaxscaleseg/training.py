@@ -290,7 +290,8 @@ def run_eval(run: Run, state: TrainState, step: int, writer: logs.MetricWriter) 
     return summary
 
 
-def _next_batch(run: Run) -> dict[str, jax.Array]:
+def next_batch(run: Run) -> dict[str, jax.Array]:
+    """This host's next training batch, put on the devices (sharded over the batch axis)."""
     with sources.naming_bad_labels(run.config, run.config.dataset.train_split):
         batch = next(run.train_iter)
     return steps.to_global(batch, run.data_sharding)
@@ -307,7 +308,7 @@ def train_loop(run: Run, state: TrainState, writer: logs.MetricWriter, progress)
     schedules = optim.schedules(c.optim, last)
     window, pending, summary, warned = Window(), None, {}, False
     step = run.start_step
-    batch = _next_batch(run) if step < last else None
+    batch = next_batch(run) if step < last else None
     for step in range(run.start_step + 1, last + 1):
         logging = step % c.log_every_steps == 0 or step == last
         # The approximate search's quality, on this step's batch before the step (which takes
@@ -318,7 +319,7 @@ def train_loop(run: Run, state: TrainState, writer: logs.MetricWriter, progress)
         saving = step % c.checkpoint_every_steps == 0 or step == last
         # The next batch goes to the devices while this step runs, except before a save
         # (the saved iterator position must be right after this step's batch).
-        batch = None if saving or step == last else _next_batch(run)
+        batch = None if saving or step == last else next_batch(run)
         if pending is not None:  # the previous step's metrics: no wait for this one
             progress.update(pending[0], window.add(*pending, run.workdir))
         pending = (step, device_metrics)
@@ -338,7 +339,7 @@ def train_loop(run: Run, state: TrainState, writer: logs.MetricWriter, progress)
         if saving:
             run.checkpoints.save_latest(step, workdir_lib.state_tree(state), run.train_iter)
             if step < last:
-                batch = _next_batch(run)
+                batch = next_batch(run)
     if run.start_step >= last:  # a finished run, rerun: its final evaluation is on record
         summary = recorded_eval(run.workdir, run.start_step) or run_eval(
             run, state, run.start_step, writer

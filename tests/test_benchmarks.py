@@ -226,3 +226,38 @@ def test_approx_inference_benchmark_agrees_with_every_class_as_candidate():
     assert rows[2]["agreement"] == 1.0 and rows[3]["agreement"] == 1.0
     assert rows[3]["certified"] < rows[2]["certified"]
     assert all(r["exact_scaled"] and r["exact_s"] > 0 and r["approx_s"] > 0 for r in rows)
+
+
+def test_search_gradient_benchmark_compares_gradients_with_the_exact_search(tmp_path):
+    from benchmarks import search_gradient
+    from jaxscaleseg import config_schema, training
+
+    config = config_schema.smoke(config_schema.base_config())
+    config.dataset.name = "synthetic"
+    config.dataset.num_classes = 30
+    config.loss.num_neighbors = 3
+    config.loss.search_candidates = 8  # the certified search's K'
+    training.train_and_evaluate(config, tmp_path / "run")
+    variants = ["exact:segment", "union:4", "union:30", "certified"]
+    rows = search_gradient.measure(config, tmp_path / "run", variants, batches=2)
+    assert [(r["batch"], r["variant"]) for r in rows] == [
+        (b, v) for b in range(2) for v in ["exact", *variants]
+    ]
+    by = {(r["batch"], r["variant"]): r for r in rows}
+    for b in range(2):
+        exact = by[b, "exact"]
+        assert exact["step"] == 2 and exact["all"] == exact["table"] == exact["network"] == 0.0
+        # Another table-gradient method: the same sums, rounded otherwise.
+        assert by[b, "exact:segment"]["all"] < 1e-5
+        # Every class in each source's list: the union's negatives are the exact ones.
+        assert by[b, "union:30"]["all"] < 1e-5
+        assert by[b, "union:30"]["loss"] == pytest.approx(exact["loss"], rel=1e-6)
+        # Four candidates per source at 30 classes miss some negatives.
+        assert by[b, "union:4"]["all"] > 1e-4 and by[b, "union:4"]["table"] > 1e-4
+        # The certified search's negatives are the exact ones, wherever they come from.
+        assert by[b, "certified"]["all"] < 1e-5 and 0.0 <= by[b, "certified"]["certified"] <= 1.0
+        assert math.isnan(exact["certified"]) and all(r["seconds"] > 0 for r in rows)
+    assert "| union:4 | 2 |" in search_gradient.table(rows)
+    assert (tmp_path / "run" / "checkpoints").is_dir()  # the run itself is left untouched
+    with pytest.raises(ValueError, match="union:x"):
+        search_gradient.variant_spec(search_gradient.steps.LossSpec(), "union:x")
