@@ -69,6 +69,11 @@ def search_uncertified(
       int32 ``[N, k]``.
     """
     num, k = ids.shape
+    # No gradient flows through a search; without a tangent on its operands, JAX's partial
+    # evaluation (under `grad`) leaves the loop whole instead of hoisting the exact search's
+    # class blocks out of it (a second copy of the table, all column blocks at once).
+    queries = lax.stop_gradient(queries)
+    class_emb = lax.stop_gradient(class_emb)
     chunk = int(min(chunk, num))
     slots = -(-num // chunk) * chunk
     pending = jnp.logical_not(certified)

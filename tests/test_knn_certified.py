@@ -131,3 +131,25 @@ def test_auto_search_is_certified_from_many_classes_on_the_cpu(monkeypatch):
     flat = inference.features_to_labels(features.reshape(-1, 5), classes)  # not [B, H, W, D]
     assert calls == [40] or jax.default_backend() != "cpu"
     np.testing.assert_array_equal(np.asarray(flat), exact.reshape(-1))
+
+
+def test_search_uncertified_under_grad_holds_no_copy_of_the_table():
+    """Inside a differentiated step (the training's ``loss.search = "certified"``) the fallback
+    builds the exact search's class blocks one at a time: JAX's partial evaluation must not
+    hoist them, all at once, out of its loop (that was a second copy of the class table)."""
+    rng = np.random.default_rng(3)
+    num, num_classes, dim = 256, 60_000, 12  # the table: 2.9 MB; its augmented rows 3.1 MB
+    queries = jnp.asarray(rng.normal(size=(num, dim)), jnp.float32)
+    classes = jnp.asarray(_table(rng, num_classes, dim))
+    ids = jnp.zeros((num, 1), jnp.int32)
+    certified = jnp.asarray(rng.random(num) < 0.5)
+
+    def loss(queries, classes):
+        found = knn_certified.search_uncertified(
+            queries, ids, certified, classes, max_block_bytes=2**20, chunk=64
+        )
+        return jnp.sum(classes[found[:, 0]] * queries)
+
+    step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    temp = step.lower(queries, classes).compile().memory_analysis().temp_size_in_bytes
+    assert temp < num_classes * dim * 4 / 2, temp
