@@ -24,9 +24,10 @@ The pieces (``--preset full``: batch 8, 512×512, bfloat16, D = 12, k = 7):
   gradient norms (which must agree).
 * ``step``: the whole ``training.train_step`` (model, loss, SGD update) for ESS and softmax,
   MobileNetV2 and ResNet-101 at output stride 16, C in {150, 1 284, 10 000, 100 000}, and at
-  C = 1 284 the ESS step with each other selection of the preset (``loss.selection``), at the
-  largest C the stride-4 union search (``loss.search="union"``, issue 15's approximate mode,
-  with the separation ids every 100 steps and ``loss.normalize_pixels``): compiled peak (arguments +
+  C = 1 284 the ESS step with each other selection of the preset (``loss.selection``) and with
+  the stride-4 union search (``loss.search="union"``), at the largest C the certified search
+  (``loss.search="certified"``, what ``"auto"`` takes there: issue 15's sub-linear mode); both
+  with the separation ids every 100 steps and ``loss.normalize_pixels``: compiled peak (arguments +
   outputs + temporaries − aliased), median step time where it fits. A step whose compiled peak
   exceeds 90 % of the device's memory is "does not fit", never run; a softmax step whose logits
   alone would exceed it (``softmax_peak_lower_bound``) is not even compiled, and a piece that
@@ -513,7 +514,7 @@ def piece_step(
     union_loss = {"separation_refresh_every": 100, "normalize_pixels": True}
     if head == "ess":
         row.update(selection_setting=selection, search=search)
-        if search == "union":
+        if search in ("union", "certified"):
             row.update(union_loss)
     if head == "softmax":
         bound = softmax_peak_lower_bound(preset.batch, preset.size, num_classes)
@@ -536,7 +537,7 @@ def piece_step(
     config.loss.num_neighbors = preset.num_neighbors
     config.loss.selection = selection
     config.loss.search = search
-    if search == "union":
+    if search in ("union", "certified"):
         config.loss.update(union_loss)
     image_shape = (preset.batch, preset.size, preset.size, 3)
     parts = scaling.step_parts(config, image_shape)
@@ -789,9 +790,9 @@ def plan_pieces(preset: Preset, scratch_dir: Path, input_workers: int) -> list[P
     if largest != middle:
         pieces += steps(largest)
     if preset.approximate:
-        # The union (knn_union), the approximate mode that reached recall 0.99 on trained
-        # embeddings (BENCHMARKS §7); the cell index alone ("approximate") did not.
-        pieces.append(step(preset.backbones[-1], largest, "ess", search="union"))
+        # The certified search (knn_certified), what loss.search="auto" takes at many classes:
+        # the union's negatives where a bound proves them exact, the exact search elsewhere.
+        pieces.append(step(preset.backbones[-1], largest, "ess", search="certified"))
     if importlib.util.find_spec("grain") is not None:
         pieces.append(Piece("input", "input", {"workers": input_workers}, 120))
     for num_classes in preset.step_classes:
@@ -1087,7 +1088,7 @@ def _acceptance(by_kind) -> list[str]:
             line += f", {row['step_seconds'] / softmax['step_seconds']:.2f} × softmax"
         lines.append(line)
         exact = [r for k, r in steps.items() if k[0] == row["backbone"] and k[2] == "ess"]
-        if row.get("search") in ("approximate", "union") and exact:
+        if row.get("search") in ("approximate", "union", "certified") and exact:
             middle = min(exact, key=lambda r: abs(r["C"] - 1284))
             if middle.get("step_seconds"):
                 lines.append(

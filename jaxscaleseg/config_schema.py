@@ -65,9 +65,9 @@ Sections:
   ``separation_refresh_every`` (n: the separation term's nearest-other-class ids are searched
   exactly on the steps ``step % n == 0`` and carried in the checkpointed train state between;
   1, the default, searches every step as before), ``search`` (``exact``, ``approximate``,
-  ``union``, ``certified`` or ``auto``: the pixels' nearest-class search; ``auto`` is the union
-  from ``knn_index.AUTO_UNION_MIN_CLASSES`` (10 000) classes on when ``normalize_pixels``,
-  exact otherwise), ``search_probes`` (cells probed per
+  ``union``, ``certified`` or ``auto``: the pixels' nearest-class search; ``auto`` is the
+  certified search from ``knn_index.AUTO_CERTIFIED_MIN_CLASSES`` (10 000) classes on when
+  ``normalize_pixels``, exact otherwise), ``search_probes`` (cells probed per
   pixel), ``index_refresh_every`` (steps between rebuilds of the checkpointed index),
   ``search_candidates`` (K', classes searched per stride-4 source by ``union`` and
   ``certified``) and ``search_quality_sample`` (pixels of a log step's batch on which an
@@ -167,8 +167,8 @@ def _loss_defaults() -> ml_collections.ConfigDict:
     loss.separation_refresh_every = 1
     # The pixels' nearest-class search: "exact", "approximate" (knn_index), "union"
     # (knn_union), "certified" (knn_certified: the union, exact by an exact pass where its
-    # certificate fails) or "auto" (the union from knn_index.AUTO_UNION_MIN_CLASSES classes on
-    # with loss.normalize_pixels, else exact).
+    # certificate fails) or "auto" (certified from knn_index.AUTO_CERTIFIED_MIN_CLASSES classes
+    # on with loss.normalize_pixels, else exact).
     loss.search = "auto"
     loss.search_probes = 8
     loss.index_refresh_every = 10
@@ -435,8 +435,8 @@ def _validate_loss(loss: ml_collections.ConfigDict, num_classes: int) -> None:
         chosen = (
             f"loss.search={loss.search!r}"
             if loss.search == search
-            else f"loss.search='auto' (the union with loss.normalize_pixels from "
-            f"{knn_index.AUTO_UNION_MIN_CLASSES} classes; set loss.search='exact' to keep the "
+            else f"loss.search='auto' (the certified search with loss.normalize_pixels from "
+            f"{knn_index.AUTO_CERTIFIED_MIN_CLASSES} classes; set loss.search='exact' to keep the "
             f"exact search)"
         )
         raise ConfigError(

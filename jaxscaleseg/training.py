@@ -148,9 +148,15 @@ def setup(config: ml_collections.ConfigDict, workdir: Any) -> tuple[Run, TrainSt
     spec = steps.LossSpec.from_config(config.loss)
     search = spec.resolved_search(config.dataset.num_classes)
     if is_main and spec.search == "auto" and search != "exact":
+        logged = (
+            "the share of pixels its bound certifies is logged as search_certified, the others"
+            " are searched exactly"
+            if search == "certified"
+            else "its recall@k against the exact search is logged as search_recall"
+        )
         print(
             f"loss.search 'auto': the {search} search at {config.dataset.num_classes} classes"
-            " (its recall@k against the exact search is logged as search_recall)",
+            f" ({logged})",
             flush=True,
         )
     run = Run(

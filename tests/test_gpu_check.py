@@ -70,7 +70,7 @@ def _check_every_row(output_dir, rows):
         (40, "softmax", ""),
         (40, "ess", "min_rounds"),
         (40, "ess", "tile_minima"),
-        (40, "ess", "union"),
+        (40, "ess", "certified"),
     }
     # The ESS step with the selection made to fail compiling "does not fit", and says why.
     failed = steps.pop((40, "ess", "min_rounds"))
@@ -78,8 +78,8 @@ def _check_every_row(output_dir, rows):
     assert all(r["fits"] and r["step_seconds"] > 0 for r in steps.values())
     assert steps[40, "ess", ""]["plan"]["table_gradient"] == "scatter"  # CPU's auto plan
     assert steps[40, "ess", ""]["plan"]["search_method"] == "pyramid"
-    assert steps[40, "ess", "union"]["search"] == "union"
-    assert steps[40, "ess", "union"]["normalize_pixels"] is True
+    assert steps[40, "ess", "certified"]["search"] == "certified"
+    assert steps[40, "ess", "certified"]["normalize_pixels"] is True
     (profile,) = [r for r in rows if r["kind"] == "profile"]
     assert 1 <= len(profile["top_ops"]) <= 10 and profile["ops_source"].startswith("host")
     assert all(0 < op["share"] for op in profile["top_ops"])
@@ -88,7 +88,7 @@ def _check_every_row(output_dir, rows):
         assert heading in summary
     assert "ESS / softmax step time" in summary and "floor" in summary
     assert "| tiny | 40 | ess | min_rounds | — | out of memory while compiling | — |" in summary
-    assert "ESS with union:" in summary and "(issue 15: at most 2)" in summary
+    assert "ESS with certified:" in summary and "(issue 15: at most 2)" in summary
     assert "C = 40, ESS with tile_minima:" in summary
 
 
@@ -160,7 +160,7 @@ def test_full_preset_plan_puts_the_acceptance_first(tmp_path):
     assert sum(n.startswith("loss") for n in names) == 12
     # 16 cells of the first run, 4 with other selections, the union at 1 284 and 100 000.
     assert sum(n.startswith("step") for n in names) == 22
-    assert "step resnet101 C=100000 ess union" in names
+    assert "step resnet101 C=100000 ess certified" in names
     # The class counts outside the acceptance come last (the first to be cut by the budget).
     assert names.index("input") < names.index("step mobilenet_v2 C=150 ess")
     assert len(set(names)) == len(names)

@@ -137,9 +137,9 @@ def test_search_modes_and_bad_arguments_are_named():
         "exact" if knn_index.AUTO_APPROXIMATE_MIN_CLASSES is None else "approximate"
     )
     assert knn_index.resolve_search("approximate", 5) == "approximate"
-    # With unit-length pixels in the loss, the union from AUTO_UNION_MIN_CLASSES on.
-    threshold = knn_index.AUTO_UNION_MIN_CLASSES
-    assert knn_index.resolve_search("auto", threshold, unit_pixels=True) == "union"
+    # With unit-length pixels in the loss, the certified search from AUTO_CERTIFIED_MIN_CLASSES on.
+    threshold = knn_index.AUTO_CERTIFIED_MIN_CLASSES
+    assert knn_index.resolve_search("auto", threshold, unit_pixels=True) == "certified"
     assert knn_index.resolve_search("auto", threshold - 1, unit_pixels=True) == "exact"
     assert knn_index.resolve_search("auto", 10**6, unit_pixels=False) == "exact"
     assert knn_index.resolve_search("exact", 10**6, unit_pixels=True) == "exact"

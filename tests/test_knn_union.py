@@ -242,10 +242,10 @@ def test_the_loop_measures_the_union_search_at_log_steps_only(tmp_path):
         assert 0.0 <= record["train_search_ess_rel_error"] < 1e-5, record
 
 
-def test_auto_search_takes_the_union_with_unit_pixels(monkeypatch):
-    """``loss.search = "auto"`` with ``loss.normalize_pixels``: the union (its recall logged)
-    from ``AUTO_UNION_MIN_CLASSES`` classes on, the exact search below; a setting the union
-    cannot take is named together with "auto"."""
+def test_auto_search_is_certified_with_unit_pixels(monkeypatch):
+    """``loss.search = "auto"`` with ``loss.normalize_pixels``: the certified search (its
+    measured recall that of the exact search) from ``AUTO_CERTIFIED_MIN_CLASSES`` classes on,
+    the exact search below; a setting it cannot take is named together with "auto"."""
     from test_training import _state_and_batch, tiny_config
 
     from jaxscaleseg import config_schema, knn_index, steps
@@ -255,16 +255,18 @@ def test_auto_search_takes_the_union_with_unit_pixels(monkeypatch):
     state, batch = _state_and_batch(config)
     logged = {}
     for threshold in (30, 31):  # the tiny config has 30 classes
-        monkeypatch.setattr(knn_index, "AUTO_UNION_MIN_CLASSES", threshold)
+        monkeypatch.setattr(knn_index, "AUTO_CERTIFIED_MIN_CLASSES", threshold)
         config_schema.validate(config)
         spec = steps.LossSpec.from_config(config.loss)
-        assert spec.resolved_search(30) == ("union" if threshold == 30 else "exact")
+        assert spec.resolved_search(30) == ("certified" if threshold == 30 else "exact")
         # A fresh function each time: jit's cache would keep the first trace for this spec.
         measure = jax.jit(lambda s, b, k, spec=spec: steps.search_quality(s, b, k, spec=spec))
-        logged[threshold] = "search_recall" in measure(state, batch, jax.random.key(1))
-        assert spec.measures_search(30) == logged[threshold]
-    assert logged == {30: True, 31: False}
-    monkeypatch.setattr(knn_index, "AUTO_UNION_MIN_CLASSES", 30)
+        logged[threshold] = measure(state, batch, jax.random.key(1))
+        assert spec.measures_search(30) == ("search_recall" in logged[threshold])
+    assert float(logged[30]["search_recall"]) == 1.0
+    assert float(logged[30]["search_ess_rel_error"]) < 1e-5
+    assert logged[31] == {}
+    monkeypatch.setattr(knn_index, "AUTO_CERTIFIED_MIN_CLASSES", 30)
     with pytest.raises(ConfigError, match="loss.search='auto'.*negatives='original'"):
         config_schema.validate(
             tiny_config(**{"loss.normalize_pixels": True, "loss.negatives": "original"})
