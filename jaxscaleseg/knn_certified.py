@@ -1,9 +1,11 @@
 """The exact nearest class of every pixel of a large image, certified where cheap.
 
-Inference's ``search="certified"``. The union of ``knn_union`` gives each pixel the nearest of
-its four stride-4 grid points' K' candidates, fast but not always exact. Here the union comes
-with a bound that says where it is exact, and the pixels where the bound fails are searched
-exactly over the whole table, so the result is the exact assignment (up to float32 rounding of
+Inference's ``search="certified"``, and the training's ``loss.search="certified"`` (which
+``"auto"`` takes from ``knn_index.AUTO_CERTIFIED_MIN_CLASSES`` classes with unit-length pixels;
+there ``search_uncertified`` completes the union's k nearest lists). The union of
+``knn_union`` gives each pixel the nearest of its four stride-4 grid points' K' candidates,
+fast but not always exact. Here the union comes with a bound that says where it is exact, and
+the pixels where the bound fails are searched exactly over the whole table, so the result is the exact assignment (up to float32 rounding of
 near-ties; the bounds keep a margin for it) whatever the features.
 
 Scores are the searches' ranking scores ``score_q(e) = ‖e‖² − 2 q·e`` (lower is nearer). The
