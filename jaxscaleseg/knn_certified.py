@@ -5,8 +5,9 @@ Inference's ``search="certified"``, and the training's ``loss.search="certified"
 there ``search_uncertified`` completes the union's k nearest lists). The union of
 ``knn_union`` gives each pixel the nearest of its four stride-4 grid points' K' candidates,
 fast but not always exact. Here the union comes with a bound that says where it is exact, and
-the pixels where the bound fails are searched exactly over the whole table, so the result is the exact assignment (up to float32 rounding of
-near-ties; the bounds keep a margin for it) whatever the features.
+the pixels where the bound fails are searched exactly over the whole table, so the result is
+the exact assignment (up to float32 rounding of near-ties; the bounds keep a margin for it)
+whatever the features.
 
 Scores are the searches' ranking scores ``score_q(e) = ‖e‖² − 2 q·e`` (lower is nearer). The
 features are resized to a ×4 coarser grid and renormalised (as ``knn_union.approximate_assign``;

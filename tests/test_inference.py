@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxscaleseg import evaluation, inference, metrics
+from jaxscaleseg import evaluation, inference, metrics, views
 from jaxscaleseg.models import build_model, l2_normalize
 
 C, D = 7, 4
@@ -80,7 +80,7 @@ def _images(shape=(2, 21, 30), seed=0) -> jax.Array:
     ],
 )
 def test_window_starts_cover_and_end_at_the_edge(length, crop, stride, expected):
-    starts = inference.window_starts(length, crop, stride)
+    starts = views.window_starts(length, crop, stride)
     assert starts == expected
     covered = np.zeros(max(length, crop), bool)
     for s in starts:
@@ -97,8 +97,8 @@ def test_window_starts_cover_and_end_at_the_edge(length, crop, stride, expected)
 def test_sliding_window_equals_whole_image_for_position_independent_model(head, crop, stride):
     apply_fn = pixel_model(head)
     images = _images()  # 21 x 30: the exact tiling is 3 x 3 windows
-    whole, table = inference.whole_image_features(apply_fn, images)
-    slide, slide_table = inference.sliding_window_features(apply_fn, images, crop, stride)
+    whole, table = views.whole_image_features(apply_fn, images)
+    slide, slide_table = views.sliding_window_features(apply_fn, images, crop, stride)
     assert slide.shape == whole.shape
     np.testing.assert_allclose(slide, whole, rtol=1e-5, atol=1e-6)
     assert (table is None) == (slide_table is None)
@@ -113,7 +113,7 @@ def test_sliding_window_sees_fixed_size_windows_padded_with_the_mean():
         return base(images)
 
     images = _images((1, 5, 9))
-    inference.sliding_window_features(apply_fn, images, (8, 8), (4, 4))
+    views.sliding_window_features(apply_fn, images, (8, 8), (4, 4))
     assert [s.shape for s in seen] == [(1, 8, 8, 3), (1, 8, 8, 3)]
     np.testing.assert_array_equal(seen[0][0, 5:], 0.0)  # padded rows: 0 = the mean colour
     np.testing.assert_array_equal(seen[1][0, :5], np.asarray(images)[0, :, 1:9])
@@ -130,7 +130,7 @@ def test_embedding_windows_are_merged_as_normalised_sum():
         emb = emb.at[..., 1].set(1.0)
         return {"pixel_embedding": emb, "class_embedding": table}
 
-    features, _ = inference.sliding_window_features(apply_fn, _images((1, 4, 6)), (4, 4), (4, 2))
+    features, _ = views.sliding_window_features(apply_fn, _images((1, 4, 6)), (4, 4), (4, 2))
     a = np.asarray(l2_normalize(jnp.asarray([1.0, 1.0, 0, 0])))
     b = np.asarray(l2_normalize(jnp.asarray([-2.0, 1.0, 0, 0])))
     merged = (a + b) / np.linalg.norm(a + b)
@@ -146,8 +146,8 @@ def test_flip_tta_of_a_symmetric_input_equals_no_tta():
     apply_fn = blur_model()
     half = _images((2, 9, 8))
     images = jnp.concatenate([half, half[:, :, ::-1]], axis=2)  # mirror-symmetric
-    plain, table = inference.tta_features(apply_fn, images)
-    flipped, _ = inference.tta_features(apply_fn, images, flip=True)
+    plain, table = views.tta_features(apply_fn, images)
+    flipped, _ = views.tta_features(apply_fn, images, flip=True)
     np.testing.assert_allclose(flipped, plain, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(
         inference.features_to_labels(flipped, table), inference.features_to_labels(plain, table)
@@ -157,10 +157,10 @@ def test_flip_tta_of_a_symmetric_input_equals_no_tta():
 def test_flip_tta_merges_the_flipped_prediction_flipped_back():
     apply_fn = blur_model((0.0, 0.3, 1.0))  # asymmetric: flipping changes the prediction
     images = _images((1, 6, 11))
-    plain, _ = inference.whole_image_features(apply_fn, images)
-    mirrored, _ = inference.whole_image_features(apply_fn, images[:, :, ::-1])
+    plain, _ = views.whole_image_features(apply_fn, images)
+    mirrored, _ = views.whole_image_features(apply_fn, images[:, :, ::-1])
     expected = l2_normalize(plain + mirrored[:, :, ::-1])
-    merged, _ = inference.tta_features(apply_fn, images, flip=True)
+    merged, _ = views.tta_features(apply_fn, images, flip=True)
     np.testing.assert_allclose(merged, expected, rtol=1e-5, atol=1e-6)
     assert not np.allclose(merged, plain, atol=1e-3)
 
@@ -169,8 +169,8 @@ def test_flip_tta_merges_the_flipped_prediction_flipped_back():
 def test_multi_scale_of_a_constant_image_equals_single_scale(head):
     apply_fn = pixel_model(head)
     images = jnp.broadcast_to(_images((1, 1, 1)), (1, 13, 17, 3))
-    single, table = inference.tta_features(apply_fn, images)
-    multi, _ = inference.tta_features(
+    single, table = views.tta_features(apply_fn, images)
+    multi, _ = views.tta_features(
         apply_fn, images, flip=True, scales=(0.5, 1.75), crop_size=(8, 8), stride=(5, 5)
     )
     assert multi.shape == single.shape
