@@ -33,11 +33,24 @@ from jax import lax
 
 from jaxscaleseg import knn, knn_union
 
-# Queries searched together where a bound fails (the exact search blocks them itself).
+# Queries searched together where a bound fails, at the least (the exact search blocks them
+# itself); more, up to _MAX_FALLBACK_CHUNK (whose gathered queries stay small beside the
+# features), where the block budget holds more rows of the whole table (``fallback_chunk``).
 _FALLBACK_CHUNK = 512
+_MAX_FALLBACK_CHUNK = 2**14
 # Float32 scores carry rounding of about D·2⁻²³ of their magnitude (a dot product of D terms);
 # bounds keep 8× that as a margin, so that a rounding never certifies a wrong answer.
 _ROUNDING_MARGIN = 8 * 2.0**-23
+
+
+def fallback_chunk(num_queries: int, num_classes: int, max_block_bytes: int) -> int:
+    """Queries per exact search of the uncertified rows: as many rows of all ``num_classes``
+    classes as one search block holds (a GPU's 1 GiB budget holds 13 421 rows of 10 000
+    classes: one loop iteration where 512-row chunks would take 27), within ``_FALLBACK_CHUNK``
+    (512, what a CPU's 8 MiB budget gets at 10 000 classes and more) and
+    ``_MAX_FALLBACK_CHUNK`` (16 384), and at most ``num_queries``."""
+    rows = knn.block_elements(max_block_bytes) // max(num_classes, 1)
+    return int(max(1, min(num_queries, min(max(_FALLBACK_CHUNK, rows), _MAX_FALLBACK_CHUNK))))
 
 
 def search_uncertified(
@@ -49,7 +62,7 @@ def search_uncertified(
     max_block_bytes: int,
     exclude: jax.Array | None = None,
     normalize_classes: bool = False,
-    chunk: int = _FALLBACK_CHUNK,
+    chunk: int | None = None,
 ) -> jax.Array:
     """``ids`` with the rows that are not ``certified`` replaced by the exact search's (the
     inference's ``certified`` search and the training's ``loss.search = "certified"``).
@@ -66,12 +79,14 @@ def search_uncertified(
       max_block_bytes: the exact search's block budget (bytes).
       exclude: optional int ``[N]``: one class id per row never returned (as the search's).
       normalize_classes: search against the unit-length rows of ``class_emb``.
-      chunk: queries per exact search.
+      chunk: queries per exact search; None: :func:`fallback_chunk`.
 
     Returns:
       int32 ``[N, k]``.
     """
     num, k = ids.shape
+    if chunk is None:
+        chunk = fallback_chunk(num, class_emb.shape[0], max_block_bytes)
     # No gradient flows through a search; without a tangent on its operands, JAX's partial
     # evaluation (under `grad`) leaves the loop whole instead of hoisting the exact search's
     # class blocks out of it (a second copy of the table, all column blocks at once).

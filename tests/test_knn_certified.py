@@ -153,3 +153,15 @@ def test_search_uncertified_under_grad_holds_no_copy_of_the_table():
     step = jax.jit(jax.grad(loss, argnums=(0, 1)))
     temp = step.lower(queries, classes).compile().memory_analysis().temp_size_in_bytes
     assert temp < num_classes * dim * 4 / 2, temp
+
+
+def test_fallback_chunk_follows_the_block_budget_within_bounds():
+    """The fallback's chunk is what one block of the whole table holds (GPU-sized budgets make
+    few, large searches), never below 512 (the CPU's chunk at many classes) nor above 16 384
+    queries, nor above the query count."""
+    gpu, cpu = knn.resolve_block_bytes("auto", "gpu"), knn.resolve_block_bytes("auto", "cpu")
+    assert knn_certified.fallback_chunk(10**6, 10_000, gpu) == knn.block_elements(gpu) // 10_000
+    assert knn_certified.fallback_chunk(10**6, 1_284, gpu) == 2**14
+    assert knn_certified.fallback_chunk(10**6, 100_000, cpu) == 512
+    assert knn_certified.fallback_chunk(10**6, 10_000, cpu) == 512
+    assert knn_certified.fallback_chunk(300, 10_000, gpu) == 300
