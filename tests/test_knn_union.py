@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxscaleseg import inference, knn, knn_index, knn_union
+from jaxscaleseg.models import l2_normalize
 from tests import reference
 
 
@@ -153,7 +154,7 @@ def test_bad_arguments_are_named():
 def test_approximate_assignment_in_inference():
     """All classes as candidates: the exact assignment; few: mostly it (smooth features)."""
     queries, _, classes, _ = _inputs(4, h=6, w=6, num_classes=50)
-    features = np.asarray(inference.l2_normalize(jnp.asarray(queries)))
+    features = np.asarray(l2_normalize(jnp.asarray(queries)))
     exact = inference.features_to_labels(features, classes)
     every = inference.features_to_labels(
         features, classes, search="approximate", search_candidates=50
