@@ -511,11 +511,12 @@ def piece_step(
     }
     # What many classes train with (BENCHMARKS §7.5): the separation ids every 100 steps (the
     # timed steps are the 99 in between) and unit-length pixels in the loss.
-    union_loss = {"separation_refresh_every": 100, "normalize_pixels": True}
+    many_class_loss = {"separation_refresh_every": 100, "normalize_pixels": True}
+    stride4_search = head == "ess" and search in ("union", "certified")
     if head == "ess":
         row.update(selection_setting=selection, search=search)
-        if search in ("union", "certified"):
-            row.update(union_loss)
+    if stride4_search:
+        row.update(many_class_loss)
     if head == "softmax":
         bound = softmax_peak_lower_bound(preset.batch, preset.size, num_classes)
         if bound >= 0.9 * scaling.device_memory_bytes():
@@ -537,8 +538,8 @@ def piece_step(
     config.loss.num_neighbors = preset.num_neighbors
     config.loss.selection = selection
     config.loss.search = search
-    if search in ("union", "certified"):
-        config.loss.update(union_loss)
+    if stride4_search:
+        config.loss.update(many_class_loss)
     image_shape = (preset.batch, preset.size, preset.size, 3)
     parts = scaling.step_parts(config, image_shape)
     new_state, init, step = parts.new_state, parts.init, parts.step
