@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import gpu_check
+from benchmarks import gpu_check, gpu_check_pieces, gpu_check_setup, gpu_check_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 CRASHED = "loss C=40 sorted"
@@ -20,7 +20,9 @@ def _tiny_run(tmp_path):
     output_dir, scratch_dir = tmp_path / "gpu_check", tmp_path / "gpu_check_scratch"
     output_dir.mkdir()
     scratch_dir.mkdir()
-    env = dict(os.environ, **{gpu_check.CRASH_ENV: CRASHED, gpu_check.OOM_ENV: OUT_OF_MEMORY})
+    env = dict(
+        os.environ, **{gpu_check_setup.CRASH_ENV: CRASHED, gpu_check_setup.OOM_ENV: OUT_OF_MEMORY}
+    )
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     result = subprocess.run(
         [
@@ -43,7 +45,7 @@ def _tiny_run(tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    return output_dir, gpu_check.read_rows(output_dir)
+    return output_dir, gpu_check_setup.read_rows(output_dir)
 
 
 @pytest.mark.slow
@@ -64,7 +66,9 @@ def _check_every_row(output_dir, rows):
     # The CPU dump's LLVM IR is read instead: its scatter adds with no atomics at all.
     assert atomics["verdict"].endswith("LLVM IR: no atomics found"), atomics["verdict"]
     assert atomics["dump_files"]["count"] > 0
-    steps = {(r["C"], r["head"], gpu_check._variant(r)): r for r in rows if r["kind"] == "step"}
+    steps = {
+        (r["C"], r["head"], gpu_check_summary._variant(r)): r for r in rows if r["kind"] == "step"
+    }
     assert set(steps) == {
         (40, "ess", ""),
         (40, "softmax", ""),
@@ -83,7 +87,7 @@ def _check_every_row(output_dir, rows):
     (profile,) = [r for r in rows if r["kind"] == "profile"]
     assert 1 <= len(profile["top_ops"]) <= 10 and profile["ops_source"].startswith("host")
     assert all(0 < op["share"] for op in profile["top_ops"])
-    summary = (output_dir / gpu_check.SUMMARY).read_text()
+    summary = (output_dir / gpu_check_setup.SUMMARY).read_text()
     for heading in ("## ESS loss", "## Train step", "## Profile", "## Pieces"):
         assert heading in summary
     assert "ESS / softmax step time" in summary and "floor" in summary
@@ -112,37 +116,39 @@ def _check_the_crash_lost_only_its_row(output_dir, rows):
     assert status[CRASHED].startswith("crashed")
     # The compile that ran out of memory wrote its row and ended normally.
     assert all(s == "ok" for piece, s in status.items() if piece != CRASHED), status
-    assert f"| {CRASHED} | crashed" in (output_dir / gpu_check.SUMMARY).read_text()
+    assert f"| {CRASHED} | crashed" in (output_dir / gpu_check_setup.SUMMARY).read_text()
     # The output folder keeps only what is worth copying back (trace and dump are in scratch).
     assert {p.name for p in output_dir.iterdir()} <= {
-        gpu_check.ROWS,
-        gpu_check.LOG,
-        gpu_check.SUMMARY,
-        gpu_check.PTX_LINES,
+        gpu_check_setup.ROWS,
+        gpu_check_setup.LOG,
+        gpu_check_setup.SUMMARY,
+        gpu_check_setup.PTX_LINES,
     }
     # Every line of rows.jsonl is one JSON object.
-    for line in (output_dir / gpu_check.ROWS).read_text().splitlines():
+    for line in (output_dir / gpu_check_setup.ROWS).read_text().splitlines():
         json.loads(line)
 
 
 def test_atomics_verdict_from_ptx_text():
     native = "atom.global.add.f32 %f1, [%rd1], %f2;\nred.global.add.f32 [%rd2], %f3;"
     cas = "atom.global.cas.b32 %r1, [%rd1], %r2, %r3;"
-    assert gpu_check._classify_atomics(native)[0] == "native f32 atomic add"
+    assert gpu_check_pieces._classify_atomics(native)[0] == "native f32 atomic add"
     vector = "red.global.v4.f32.add [%rd1], {%f1, %f2, %f3, %f4};"
-    assert gpu_check._classify_atomics(vector)[0] == "native f32 atomic add"
-    assert gpu_check._classify_atomics(cas)[0] == "compare-and-swap loop"
-    assert gpu_check._classify_atomics("add.f32 %f1, %f2, %f3;")[0] == "no atomics found"
+    assert gpu_check_pieces._classify_atomics(vector)[0] == "native f32 atomic add"
+    assert gpu_check_pieces._classify_atomics(cas)[0] == "compare-and-swap loop"
+    assert gpu_check_pieces._classify_atomics("add.f32 %f1, %f2, %f3;")[0] == "no atomics found"
     # Without PTX, the LLVM IR of the dump.
     ir_native = "%3 = atomicrmw fadd ptr addrspace(1) %2, float %1 seq_cst, align 4"
     ir_cas = "%5 = cmpxchg ptr addrspace(1) %4, i32 %old, i32 %new seq_cst seq_cst, align 4"
-    assert gpu_check._classify_llvm_atomics(ir_native)[0] == "native f32 atomic add"
-    assert gpu_check._classify_llvm_atomics(ir_cas)[0] == "compare-and-swap loop"
-    assert gpu_check._classify_llvm_atomics("%1 = fadd float %a, %b")[0] == "no atomics found"
+    assert gpu_check_pieces._classify_llvm_atomics(ir_native)[0] == "native f32 atomic add"
+    assert gpu_check_pieces._classify_llvm_atomics(ir_cas)[0] == "compare-and-swap loop"
+    assert (
+        gpu_check_pieces._classify_llvm_atomics("%1 = fadd float %a, %b")[0] == "no atomics found"
+    )
 
 
 def test_full_preset_plan_puts_the_acceptance_first(tmp_path):
-    pieces = gpu_check.plan_pieces(gpu_check.PRESETS["full"], tmp_path, input_workers=8)
+    pieces = gpu_check.plan_pieces(gpu_check_setup.PRESETS["full"], tmp_path, input_workers=8)
     names = [p.name for p in pieces]
     assert names[:2] == ["versions", "atomics"]
     assert names[2:11] == [
@@ -175,11 +181,11 @@ def test_out_of_memory_crashes_are_does_not_fit():
         "jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Failed to get configs for: 10 out of "
         "466 instructions. Out of memory while trying to allocate 781.27GiB with allocator"
     )
-    compiling = f"{gpu_check.COMPILING}\n{error}"
+    compiling = f"{gpu_check_setup.COMPILING}\n{error}"
     assert gpu_check.exit_status("crashed (exit code 1)", compiling) == (
         "does not fit (crashed in compile)"
     )
-    running = f"{gpu_check.COMPILING}\n{gpu_check.RUNNING}\n{error}"
+    running = f"{gpu_check_setup.COMPILING}\n{gpu_check_setup.RUNNING}\n{error}"
     assert gpu_check.exit_status("crashed (exit code 1)", running).startswith(
         "does not fit (out of memory while running"
     )
@@ -193,9 +199,9 @@ def test_out_of_memory_crashes_are_does_not_fit():
 
 def test_softmax_cells_too_big_for_the_device_are_not_compiled():
     # 8 bytes per pixel and class: the H200's 16.0 MB per class at N = 8·512².
-    assert gpu_check.softmax_peak_lower_bound(8, 512, 1) == 16 * 2**20
+    assert gpu_check_setup.softmax_peak_lower_bound(8, 512, 1) == 16 * 2**20
     h200 = 0.95 * 141 * 2**30  # the pieces' memory fraction of the H200
-    bound = gpu_check.softmax_peak_lower_bound
+    bound = gpu_check_setup.softmax_peak_lower_bound
     assert bound(8, 512, 1284) < 0.9 * h200  # compiled 24 111 MB: fits
     # ResNet-101 compiled to 162 472 MB at 10 000 classes; 100 000 crashed in the autotuner.
     assert bound(8, 512, 10_000) > 0.9 * h200 and bound(8, 512, 100_000) > 0.9 * h200
@@ -224,8 +230,8 @@ def test_summary_of_gpu_like_rows(tmp_path):
     ]
     rows[7].update(search_shape=[131072, 13, 8192], search_tflops=5.0)
     for row in rows:
-        gpu_check.append_row(tmp_path, row)
-    summary = gpu_check.summarize(tmp_path)
+        gpu_check_setup.append_row(tmp_path, row)
+    summary = gpu_check_summary.summarize(tmp_path)
     assert "| resnet101 | 100,000 | softmax |  | 900,000.0 MB | does not fit | — |" in summary
     assert "| 10,000 | softmax |  | ≥ 160,000.0 MB (logits, not compiled) | does not fit" in summary
     assert "C = 1,284, ESS with min_rounds: 0.0350 s, 0.50 × the default ESS step" in summary

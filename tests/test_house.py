@@ -56,7 +56,14 @@ MAX_FILE_LINES = 600
 MAX_FUNCTION_LINES = 80  # code lines: the docstring is not counted
 # Known exceptions, each with its reason; the lists may only shrink.
 LONG_FILES: set[str] = set()
-LONG_FUNCTIONS: set[tuple[str, str]] = set()
+LONG_FUNCTIONS: set[tuple[str, str]] = {
+    # The GPU check's driver, step piece and summary, and the quality benchmark's main: kept
+    # as they are until the GPU check has run on a device once (issue 14), then split.
+    ("benchmarks/gpu_check.py", "run_pieces"),
+    ("benchmarks/gpu_check_pieces.py", "piece_step"),
+    ("benchmarks/gpu_check_summary.py", "summarize"),
+    ("benchmarks/quality.py", "main"),
+}
 
 
 def _module_name(path: Path) -> str:
@@ -140,7 +147,7 @@ def _code_lines(node: ast.FunctionDef) -> int:
 
 def test_files_and_functions_stay_small():
     long_files, long_functions = [], set()
-    for path in sorted(PACKAGE.rglob("*.py")):
+    for path in sorted([*PACKAGE.rglob("*.py"), *(REPO / "benchmarks").glob("*.py")]):
         text = path.read_text()
         rel = str(path.relative_to(REPO))
         if text.count("\n") > MAX_FILE_LINES:
