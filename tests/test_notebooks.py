@@ -199,12 +199,20 @@ def test_memory_scaling_runs_and_plots(tmp_path, kernel_env):
         BATCH=1,
         REPEATS=1,
         OUTPUT_DIR=str(out),
+        GPU_CHECK=True,  # forced on this CPU: its tiny preset, one piece
+        GPU_CHECK_PRESET="tiny",
+        GPU_CHECK_ONLY=["versions"],
+        GPU_CHECK_DIR=str(tmp_path / "gpu_check"),
     )
     rows = (out / "scaling_cpu.csv").read_text().splitlines()
     assert len(rows) == 3  # header, softmax, ess
     assert_png(out / "scaling_cpu.png", min_side=200)
     assert displayed_pngs(nb) >= 1
     assert "C =      19: softmax" in stream_text(nb)
+    summary = (tmp_path / "gpu_check" / "summary.md").read_text()
+    assert "backend `cpu`" in summary and "| versions | ok |" in summary
+    shown = [o for o in nb.cells[-1].outputs if "text/markdown" in o.get("data", {})]
+    assert shown and shown[0]["data"]["text/markdown"] == summary
 
 
 @pytest.mark.slow
