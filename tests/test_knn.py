@@ -169,6 +169,17 @@ def test_block_shape_respects_budget():
         assert cols < num_classes or rows >= 32
 
 
+def test_tile_minima_column_blocks_take_twice_the_rows():
+    """At 100 000 classes in the CPU budget the tile minima cut the table into column blocks
+    of 64 rows (two passes, ``knn._search_by_tile_minima``); whole-table blocks keep theirs."""
+    budget = knn.resolve_block_bytes("auto", "cpu")
+    rows, cols, _, _, tile = knn._block_plan("tile_minima", 8192, 100_000, budget, 32)
+    assert (rows, tile) == (64, selection.tile_minima_size(100_000, 32))
+    assert cols < 100_000 and cols % tile == 0 and rows * cols * 8 <= budget
+    rows, cols, _, _, _ = knn._block_plan("tile_minima", 8192, 1284, budget, 32)
+    assert rows == knn.block_shape(8192, cols, budget)[0] > 64 and cols >= 1284
+
+
 @pytest.mark.parametrize("num_classes", [1284, 100_000])
 def test_compiled_search_memory_is_bounded(num_classes):
     """Temporaries of the search stay near the block budget whatever C is."""
@@ -211,7 +222,7 @@ def test_selection_blocks_stay_within_the_budget():
             assert cols == num_classes or rows <= 32
 
 
-@pytest.mark.parametrize("method", ["pyramid", "top_k"])
+@pytest.mark.parametrize("method", ["pyramid", "top_k", "tile_minima"])
 @pytest.mark.parametrize("budget", [knn.DEFAULT_MAX_BLOCK_BYTES, 20_000])
 def test_search_on_raw_rows_normalises_them(maybe_jit, method, budget):
     # Raw rows of norms 0.2..5: the search must rank the unit rows, one table or column blocks.
@@ -292,7 +303,7 @@ def test_every_method_keeps_blocks_below_two_to_the_31_elements(method):
     """The padded block (tiles, pyramid groups) stays below 2³¹ scores with any budget."""
     for num_classes in [19, 130, 1284, 100_000, 10**7]:
         for budget in [2**30, 2**36, 2**44]:
-            rows, cols, _, _ = knn._block_plan(method, 10**8, num_classes, budget, 8)
+            rows, cols, _, _, _ = knn._block_plan(method, 10**8, num_classes, budget, 8)
             assert rows * cols < 2**31, (num_classes, budget, rows, cols)
             if method == "tiled_top_k" and num_classes > selection.TILE_COLUMNS:
                 assert cols % selection.TILE_COLUMNS == 0
