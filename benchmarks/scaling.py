@@ -25,6 +25,15 @@ Each row also reports the first (warm-up) step after compiling, which is step 0:
 ``separation_refresh_every = n > 1`` it is the step that refreshes the separation ids, the
 median one of those that do not, so a step costs ``(first + (n - 1) * median) / n`` on average.
 ``--compile_only`` reports the compiled peaks alone (deterministic: no quiet machine needed).
+
+What the step is timed on (``--inputs``): ``random`` (the default) fills the variables with
+small random values (no initialiser to compile) and the batch with Gaussian noise; the exact
+search's time does not depend on them. The certified search's does (``loss.search =
+"certified"``, what ``"auto"`` takes from 10 000 classes with ``loss.normalize_pixels``): its
+exact fallback runs for the pixels its bound does not certify, and the nearly constant
+embeddings of small random weights certify every pixel. ``synthetic`` times the step on the
+model's own initial variables and a batch of the built-in synthetic set, as a training run's
+first steps see them. Each ESS row reports the fraction certified where the step measures it.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ from benchmarks.results_files import write_tables
 from jaxscaleseg import config_schema, initial_state, optim, steps
 
 RESULTS = Path(__file__).resolve().parent / "results"
+INPUTS = ("random", "synthetic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,15 +195,47 @@ def step_parts(config, image_shape: tuple[int, int, int, int]) -> StepParts:
     )
 
 
+def first_state_and_batch(parts: StepParts, config, image_shape, inputs: str):
+    """The state and batch a cell is timed on (``inputs``: see the module docstring)."""
+    key = jax.random.key(0)
+    if inputs == "random":
+        state = parts.new_state(random_variables(jax.eval_shape(parts.init, key)))
+        rng = np.random.default_rng(0)
+        num_classes = config.dataset.num_classes
+        return state, {
+            "image": jnp.asarray(rng.normal(size=image_shape).astype(np.float32)),
+            "label": jnp.asarray(rng.integers(-1, num_classes, image_shape[:3]).astype(np.int32)),
+        }
+    if inputs != "synthetic":
+        raise ValueError(f"inputs={inputs!r}; expected one of {INPUTS}")
+    from jaxscaleseg.data import sources  # noqa: PLC0415 (grain, only for these inputs)
+
+    data = config.copy_and_resolve_references()  # the built-in set at the cell's C and size
+    data.dataset.name = "synthetic"
+    data.dataset.synthetic.image_size = tuple(image_shape[1:3])
+    data.dataset.synthetic.train_examples = max(image_shape[0], 8)
+    data.dataset.scale_range = (1.0, 1.0)
+    train, _ = sources.make_sources(data)
+    iterator = sources.train_iterator(data, train, image_shape[0], seed=0, worker_count=0)
+    batch = next(iter(iterator))
+    batch = {name: jnp.asarray(batch[name]) for name in ("image", "label")}
+    return parts.new_state(jax.jit(parts.init)(key)), batch
+
+
 def measure(
-    preset: Preset, num_classes: int, head: str, dtype: str, compile_only: bool = False
+    preset: Preset,
+    num_classes: int,
+    head: str,
+    dtype: str,
+    compile_only: bool = False,
+    inputs: str = "random",
 ) -> dict:
     """Compiled memory and (where it fits, unless ``compile_only``) step time of one
-    (C, head, dtype) cell."""
+    (C, head, dtype) cell, timed on ``inputs`` (see the module docstring)."""
     config = make_config(preset, num_classes, head, dtype)
     image_shape = (preset.batch, preset.size, preset.size, 3)
     parts = step_parts(config, image_shape)
-    new_state, init, step = parts.new_state, parts.init, parts.step
+    step = parts.step
     abstract_state, batch_shapes = parts.abstract_state, parts.batch_shapes
     key = jax.random.key(0)
     compiled = step.lower(abstract_state, batch_shapes, key).compile()
@@ -214,12 +256,7 @@ def measure(
     }
     if compile_only or not row["fits"]:
         return row
-    state = new_state(random_variables(jax.eval_shape(init, key)))
-    rng = np.random.default_rng(0)
-    batch = {
-        "image": jnp.asarray(rng.normal(size=image_shape).astype(np.float32)),
-        "label": jnp.asarray(rng.integers(-1, num_classes, image_shape[:3]).astype(np.int32)),
-    }
+    state, batch = first_state_and_batch(parts, config, image_shape, inputs)
     start = time.perf_counter()
     state, _ = compiled(state, batch, key)  # warm-up: step 0 (refreshes carried ids)
     jax.block_until_ready(state)
@@ -231,6 +268,8 @@ def measure(
         jax.block_until_ready(out["loss"])
         times.append(time.perf_counter() - start)
     row["step_seconds"] = statistics.median(times)
+    if "search_certified" in out:
+        row["search_certified"] = float(out["search_certified"])
     row["images_per_second"] = preset.batch / row["step_seconds"]
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
@@ -241,8 +280,9 @@ def measure(
 def markdown(rows: list[dict]) -> str:
     """The results as a Markdown table."""
     lines = [
-        "| C | head | dtype | compiled peak | step time | images/s | first step | device peak |",
-        "|---:|---|---|---:|---:|---:|---:|---:|",
+        "| C | head | dtype | compiled peak | step time | images/s | first step | certified "
+        "| device peak |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         if "step_seconds" in row:
@@ -253,9 +293,11 @@ def markdown(rows: list[dict]) -> str:
             time_cell = "not timed" if row["fits"] else "does not fit"
             rate, first = "—", "—"
         device = f"{row['device_peak_mb']:,.0f} MB" if "device_peak_mb" in row else "—"
+        certified = f"{row['search_certified']:.3f}" if "search_certified" in row else "—"
         lines.append(
             f"| {row['C']:,} | {row['head']} | {row['dtype']} | "
-            f"{row['compiled_peak_mb']:,.1f} MB | {time_cell} | {rate} | {first} | {device} |"
+            f"{row['compiled_peak_mb']:,.1f} MB | {time_cell} | {rate} | {first} | {certified} "
+            f"| {device} |"
         )
     return "\n".join(lines)
 
@@ -290,13 +332,13 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def describe(preset: Preset) -> str:
+def describe(preset: Preset, inputs: str = "random") -> str:
     overrides = "".join(f", loss.{k} = {v}" for k, v in preset.loss_overrides)
     return (
         f"DeepLabV3+ {preset.backbone} OS {preset.output_stride}, batch {preset.batch}, "
         f"{preset.size}×{preset.size}, D = {preset.embedding_dim}{overrides}, full train step "
-        f"(model + loss + SGD update); jax {jax.__version__} on {jax.devices()[0].device_kind}, "
-        f"{os.cpu_count()} CPUs, {platform.machine()}"
+        f"(model + loss + SGD update), timed on {inputs} inputs; jax {jax.__version__} on "
+        f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, {platform.machine()}"
     )
 
 
@@ -318,6 +360,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--compile_only", action="store_true", help="compiled peaks only, no step timed"
     )
+    parser.add_argument(
+        "--inputs", choices=INPUTS, default="random", help="what the step is timed on"
+    )
     args = parser.parse_args(argv)
     for item in args.loss:
         if "=" not in item:
@@ -334,7 +379,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "loss_overrides": tuple(tuple(item.split("=", 1)) for item in args.loss) or None,
     }
     preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v})
-    print(describe(preset), flush=True)
+    print(describe(preset, args.inputs), flush=True)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"scaling_{args.preset}"
@@ -343,12 +388,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for head in preset.heads:
             for dtype in preset.dtypes:
                 start = time.perf_counter()
-                rows.append(measure(preset, num_classes, head, dtype, args.compile_only))
+                rows.append(
+                    measure(preset, num_classes, head, dtype, args.compile_only, args.inputs)
+                )
                 print(
                     f"  C = {num_classes:,} {head} {dtype}: {time.perf_counter() - start:.0f} s",
                     flush=True,
                 )
-                write_tables(rows, stem, describe(preset), markdown(rows))
+                write_tables(rows, stem, describe(preset, args.inputs), markdown(rows))
     print()
     print(markdown(rows))
     if not args.no_plot:

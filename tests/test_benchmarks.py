@@ -67,6 +67,16 @@ def test_scaling_times_one_head_with_loss_overrides(tmp_path):
     assert peak_only[0]["compiled_peak_mb"] == rows[0]["compiled_peak_mb"]
     assert "step_seconds" not in peak_only[0]
     assert "| not timed |" in (tmp_path / "scaling_cpu.md").read_text()
+    # The certified search on the synthetic set's batch and the initial variables: its
+    # certified fraction is reported, below 1 (the random inputs' nearly constant embeddings
+    # certify every pixel, which is why --inputs exists).
+    certified = ["--loss", "search=certified", "--loss", "normalize_pixels=True"]
+    certified += ["--loss", "search_candidates=16", "--classes", "200"]
+    for inputs, below_one in (("synthetic", True), ("random", False)):
+        (row,) = scaling.main([*common, *certified, "--inputs", inputs])
+        assert 0.0 < row["search_certified"] <= 1.0
+        assert (row["search_certified"] < 1.0) == below_one, (inputs, row["search_certified"])
+    assert f"| {row['search_certified']:.3f} |" in (tmp_path / "scaling_cpu.md").read_text()
     with pytest.raises(SystemExit, match="no such loss key"):
         scaling.main([*common, "--loss", "serch=union"])
     with pytest.raises(SystemExit, match="expected a int"):
