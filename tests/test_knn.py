@@ -169,13 +169,16 @@ def test_block_shape_respects_budget():
         assert cols < num_classes or rows >= 32
 
 
-def test_tile_minima_column_blocks_take_twice_the_rows():
-    """At 100 000 classes in the CPU budget the tile minima cut the table into column blocks
-    of 64 rows (two passes, ``knn._search_by_tile_minima``); whole-table blocks keep theirs."""
+def test_column_blocks_take_64_rows():
+    """At 100 000 classes in the CPU budget the searches cut the table into column blocks of
+    64 rows (the tile minima in two passes, ``knn._search_by_tile_minima``); whole-table
+    blocks keep theirs."""
     budget = knn.resolve_block_bytes("auto", "cpu")
     rows, cols, _, _, tile = knn._block_plan("tile_minima", 8192, 100_000, budget, 32)
     assert (rows, tile) == (64, selection.tile_minima_size(100_000, 32))
     assert cols < 100_000 and cols % tile == 0 and rows * cols * 8 <= budget
+    rows, cols, _, _, tile = knn._block_plan("pyramid", 8192, 100_000, budget, 8)
+    assert rows == 64 and cols < 100_000 and tile is None and rows * cols * 8 <= budget
     rows, cols, _, _, _ = knn._block_plan("tile_minima", 8192, 1284, budget, 32)
     assert rows == knn.block_shape(8192, cols, budget)[0] > 64 and cols >= 1284
 
@@ -219,7 +222,7 @@ def test_selection_blocks_stay_within_the_budget():
         for budget in [2**16, 8 * 2**20, knn.DEFAULT_MAX_BLOCK_BYTES]:
             rows, cols = knn._selection_block_shape(131072, num_classes, budget)
             assert rows * cols * 8 <= budget
-            assert cols == num_classes or rows <= 32
+            assert cols == num_classes or rows <= knn._COLUMN_BLOCK_ROWS
 
 
 @pytest.mark.parametrize("method", ["pyramid", "top_k", "tile_minima"])
