@@ -137,7 +137,6 @@ def block_shape(
     num_queries: int,
     num_classes: int,
     max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
-    column_block_rows: int = _COLUMN_BLOCK_ROWS,
 ) -> tuple[int, int]:
     """Chooses the (rows, classes) block processed at once so that it fits the budget.
 
@@ -145,9 +144,8 @@ def block_shape(
       num_queries: N, the number of query vectors.
       num_classes: C.
       max_block_bytes: budget for the queries×classes scores held at once (a block and one
-        masked copy, 8 bytes per element).
-      column_block_rows: rows of a block when the class axis is cut into column blocks
-        (which happens below ``_MIN_ROWS_PER_BLOCK`` rows of the whole table).
+        masked copy, 8 bytes per element). Below ``_MIN_ROWS_PER_BLOCK`` rows of the whole
+        table, the class axis is cut into column blocks of ``_COLUMN_BLOCK_ROWS`` rows.
 
     Returns:
       ``(rows, cols)`` with ``rows * cols * 8 <= max_block_bytes`` (for budgets of at least
@@ -158,7 +156,7 @@ def block_shape(
     if elements // num_classes >= min(_MIN_ROWS_PER_BLOCK, num_queries):
         rows = min(num_queries, elements // num_classes)
         return max(rows, 1), num_classes
-    rows = min(column_block_rows, num_queries)
+    rows = min(_COLUMN_BLOCK_ROWS, num_queries)
     cols = max(elements // rows, 1)
     return rows, min(cols, num_classes)
 
@@ -494,12 +492,16 @@ def nearest_class_ids(
     if cols >= num_classes:  # one column block: the whole (padded) table is built once
         table = _whole_table(classes, cols, normalize_classes)
 
+    # Column blocks of the tile minima search in two passes, given more tiles than wanted.
+    two_pass = table is None and tile is not None
+    two_pass = two_pass and -(-num_classes // cols) * (cols // tile) > wanted
+
     def search(block_index):
         # The last row block starts early so that it stays inside the queries; its rows that
         # the block before it covered are dropped below.
         start = jnp.minimum(block_index * rows, num_queries - rows)
         block = lax.dynamic_slice_in_dim(flat, start, rows)
-        if table is None and tile is not None and -(-num_classes // cols) * (cols // tile) > wanted:
+        if two_pass:
             return _search_by_tile_minima(block, classes, wanted, cols, tile, normalize_classes)
         return _search_rows(block, classes, table, wanted, cols, select, merge, normalize_classes)
 
