@@ -95,10 +95,10 @@ def plan_pieces(preset: Preset, scratch_dir: Path, input_workers: int) -> list[P
             "atomics",
             {},
             150,
-            # A fresh compile (no cache), dumped with its PTX.
+            # A fresh compile (no cache), dumped with its PTX and (GPUs) its LLVM IR.
             {
                 "XLA_FLAGS": f"--xla_dump_to={scratch_dir / DUMP_DIR} "
-                "--xla_dump_hlo_module_re=.*scatter_add_probe.*",
+                "--xla_dump_hlo_module_re=.*scatter_add_probe.* --xla_gpu_dump_llvmir=true",
                 "JAX_COMPILATION_CACHE_DIR": None,
             },
         ),

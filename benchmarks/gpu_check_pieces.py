@@ -16,6 +16,7 @@ import importlib.metadata
 import importlib.util
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import time
@@ -119,6 +120,8 @@ def piece_atomics(output_dir: Path, scratch_dir: Path, preset: Preset) -> None:
     def scatter_add_probe(table, ids, rows):
         return table.at[ids].add(rows)
 
+    # An earlier run's dump (another jax, another device) must not give this run's verdict.
+    shutil.rmtree(scratch_dir / DUMP_DIR, ignore_errors=True)
     rng = np.random.default_rng(0)
     num_updates, dim = preset.scatter_updates, 16
     rows = rng.normal(size=(num_updates, dim)).astype(np.float32)
@@ -151,8 +154,9 @@ def piece_atomics(output_dir: Path, scratch_dir: Path, preset: Preset) -> None:
         # No PTX: the LLVM IR says it too (atomicrmw fadd: a native atomic; cmpxchg: a loop).
         text = "\n".join(p.read_text(errors="replace") for p in llvm_files)
         verdict, counts, lines = _classify_llvm_atomics(text)
+        # jaxlib 0.11's CPU backend writes object files, not LLVM IR.
         row["verdict"] = f"no PTX written (backend {jax.default_backend()})" + (
-            f"; LLVM IR: {verdict}" if llvm_files else ""
+            f"; LLVM IR: {verdict}" if llvm_files else "; no LLVM IR written either"
         )
         source = f"{len(llvm_files)} LLVM IR file(s)"
     row.update(counts)
