@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint demo clean clean-demo lowest
+.PHONY: venv test lint demo clean clean-demo lowest newest
 
 venv: $(STAMP)
 
@@ -45,8 +45,20 @@ lowest:
 	$(LOWEST)/bin/python -m pip list --format=freeze > $(LOWEST)/versions.txt
 	$(LOWEST)/bin/python -m pytest -n 0 -p no:cacheprovider $(LOWEST_TESTS)
 
+# The newest releases: the whole suite in $(NEWEST), on the newest versions pip finds for
+# $(PYTHON). jax 0.11 needs Python >= 3.12 (on 3.11 pip stops at 0.10), so run it as
+# `make newest PYTHON=python3.12`; also not part of `make test`.
+NEWEST := .venv-newest
+
+newest:
+	test -x $(NEWEST)/bin/python || $(PYTHON) -m venv $(NEWEST)
+	$(NEWEST)/bin/python -m pip install --quiet --upgrade pip
+	$(NEWEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test]"
+	$(NEWEST)/bin/python -m pip list --format=freeze > $(NEWEST)/versions.txt
+	$(NEWEST)/bin/python -m pytest -n auto --maxschedchunk 1
+
 clean-demo:
 	rm -rf workdirs/demo
 
 clean:
-	rm -rf $(VENV) $(LOWEST) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LOWEST) $(NEWEST) .pytest_cache .ruff_cache

@@ -54,6 +54,9 @@ MESSAGES_FD_ENV = "JAXSCALESEG_MESSAGES_FD"
 # A C++ (absl/glog) log line: severity, date, time, thread, source file and line.
 _CPP_LOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ \S+\.(?:cc|h):\d+\]")
 _JAX_FATAL = "JAX distributed service detected fatal errors"
+# The line :func:`supervise` writes to a worker's log as each run starts ("=== <when>: <command>").
+# JAX's own reports hold other "=== ... ===" lines (jax 0.12: "=== Source Location Trace: ===").
+_RUN_HEADER = re.compile(r"^=== \d{4}-\d\d-\d\d \d\d:\d\d:\d\d: ", re.MULTILINE)
 
 
 def initialize(config: ml_collections.ConfigDict) -> None:
@@ -169,6 +172,13 @@ def _copy(stream: IO[bytes], out: IO[bytes] | None, log: IO[bytes] | None, held:
             out.flush()
 
 
+def last_run(log_text: str) -> str:
+    """The part of a worker's log (``log_text``, appended to by every run) that its last run
+    wrote, from its ``=== <when>: <command>`` line on; all of it when there is no such line."""
+    starts = [match.start() for match in _RUN_HEADER.finditer(log_text)]
+    return log_text[starts[-1] :] if starts else log_text
+
+
 def fatal_report(log_text: str) -> list[str]:
     """The lines of a C++ fatal report (from its ``F`` log line on) in a worker's log."""
     lines = log_text.splitlines()
@@ -262,7 +272,7 @@ def supervise(command: Sequence[str], label: str, log_path: Path) -> int:
             print(line, file=sys.stderr, flush=True)
         return 0
     text = log_path.read_text(errors="replace")
-    fatal = fatal_report(text[text.rindex("\n=== ") + 1 :] if "\n=== " in text else text)
+    fatal = fatal_report(last_run(text))
     if any(_JAX_FATAL in line for line in fatal):
         message = failure_line(fatal, label, log_path)
     elif held:
@@ -285,5 +295,6 @@ __all__ = [
     "fatal_report",
     "initialize",
     "is_worker",
+    "last_run",
     "supervise",
 ]

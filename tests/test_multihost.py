@@ -182,6 +182,34 @@ def test_the_fatal_report_of_a_dead_coordinator_is_one_line():
     assert multihost.fatal_report("W1130 12:00:00.1 9 a.cc:1] only a warning\n") == []
 
 
+def test_the_last_runs_report_is_found_past_jaxs_own_separator_lines():
+    """A worker's log holds every run; jax 0.12's fatal report has "=== ... ===" lines of its
+    own after its ``F`` line, which must not be taken for the start of a run."""
+    earlier = (
+        "=== 2026-12-01 12:00:00: python -m jaxscaleseg.train --workdir w\n"
+        "F1201 12:00:09.000001   7 client.h:86] Terminating process because the JAX distributed "
+        "service detected fatal errors. The following tasks are unhealthy (stopped sending "
+        "heartbeats):\n"
+    )
+    last = (
+        "=== 2026-12-01 12:55:37: python -m jaxscaleseg.train --workdir w\n"
+        "E1201 12:55:55.251601   30268 coordination_service_agent.cc:288] Polled an error\n"
+        "F1201 12:55:55.251611   30268 client.h:86] Terminating process because the JAX "
+        "distributed service detected fatal errors. absl::Status: UNAVAILABLE: Failed to send "
+        "RPC to coordination service.\n"
+        "Additional GRPC error information from remote target coordination_service:\n"
+        "=== Source Location Trace: === \n"
+        "external/xla+/xla/pjrt/distributed/coordination/coordination_service_error_util.cc:64\n"
+        "Fatal Python error: Aborted\n"
+    )
+    assert multihost.last_run(earlier + last) == last
+    assert multihost.last_run("no header\n") == "no header\n"
+    fatal = multihost.fatal_report(multihost.last_run(earlier + last))
+    assert fatal[0].startswith("F1201 12:55:55")
+    line = multihost.failure_line(fatal, "1", Path("w/process_1.log"))
+    assert line.startswith("error: process 1: the run's coordinator (process 0) ended"), line
+
+
 # ----------------------------------------------------------------------------- two processes
 
 STEPS = 4
