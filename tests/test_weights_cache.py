@@ -12,11 +12,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import io
 import os
 import re
 import subprocess
 import sys
 import threading
+import urllib.error
 from pathlib import Path
 
 import jax
@@ -184,6 +186,23 @@ def test_unreachable_is_refused_in_one_line(env, tmp_path, how):
     # The reason in brackets (the URL's port may itself hold "404").
     assert ("(HTTP 404 " in message) == (how == "not found"), message
     assert not dest.parent.exists() or list(dest.parent.iterdir()) == []
+
+
+def test_an_http_error_closes_its_connection(env, monkeypatch):
+    """An HTTP error holds the server's answer (its socket, for a real one): the refusal closes
+    it rather than leave it to the garbage collector (Python 3.13 warned of the socket)."""
+    env({})
+    answer = io.BytesIO(b"Not Found")
+
+    def refuse(url, timeout):
+        raise urllib.error.HTTPError(url, 404, "Not Found", {}, answer)
+
+    monkeypatch.setattr(W.urllib.request, "urlopen", refuse)
+    with pytest.raises(W.WeightsError, match=r"\(HTTP 404 Not Found\)") as info:
+        W.load_backbone(f"torchvision:{ARCH}", arch=ARCH)
+    # Closed by the refusal, while the error (the message's cause) is still alive.
+    assert isinstance(info.value.__cause__, urllib.error.HTTPError)
+    assert answer.closed
 
 
 def test_training_uses_torchvision_weights(env, tmp_path):

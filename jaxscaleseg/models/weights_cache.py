@@ -190,6 +190,7 @@ def fetch(
         part.unlink(missing_ok=True)
         if isinstance(e, urllib.error.HTTPError):
             reason = f"HTTP {e.code} {e.reason}"
+            e.close()  # it holds the server's answer, and with it the connection
         else:
             reason = getattr(e, "reason", None) or e
         raise WeightsError(
